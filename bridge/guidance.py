@@ -29,9 +29,7 @@ def gaussian_map(points: np.ndarray, size: int, sigma: float = DEFAULT_SIGMA) ->
     return out
 
 
-def guidance_pair(
-    click: np.ndarray, neighbours: np.ndarray, size: int, sigma: float = DEFAULT_SIGMA
-) -> np.ndarray:
+def guidance_pair(click: np.ndarray, neighbours: np.ndarray, size: int, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
     """(2, size, size) float32: inclusion map of ``click`` and exclusion map
     of ``neighbours``, both in patch-local coordinates."""
     return np.stack([gaussian_map(click, size, sigma), gaussian_map(neighbours, size, sigma)])

@@ -18,7 +18,7 @@ BASE_WIDTHS = (64, 128, 256, 512, 1024)
 def _ch(base: int, width: float) -> int:
     """Scale a published channel count, keeping it a multiple of 4 (the
     multi-scale block splits channels in four) and at least 8."""
-    return max(8, int(round(base * width / 4.0)) * 4)
+    return max(8, round(base * width / 4.0) * 4)
 
 
 class ConvBnRelu(nn.Sequential):
@@ -44,9 +44,7 @@ class ResidualBlock(nn.Module):
             nn.BatchNorm2d(cout),
         )
         self.skip = (
-            nn.Identity()
-            if cin == cout
-            else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            nn.Identity() if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
         )
         self.act = nn.ReLU(inplace=True)
 
@@ -88,9 +86,7 @@ class NuClickNet(nn.Module):
         self.width = float(width)
         c1, c2, c3, c4, c5 = (_ch(b, width) for b in BASE_WIDTHS)
         half = _ch(32, width)
-        self.stem = nn.Sequential(
-            ConvBnRelu(IN_CHANNELS, c1, 7), ConvBnRelu(c1, half, 5), ConvBnRelu(half, half, 3)
-        )
+        self.stem = nn.Sequential(ConvBnRelu(IN_CHANNELS, c1, 7), ConvBnRelu(c1, half, 5), ConvBnRelu(half, half, 3))
         self.enc1 = nn.Sequential(ResidualBlock(half, c1), ResidualBlock(c1, c1))
         self.enc2 = nn.Sequential(ResidualBlock(c1, c2), MultiScaleBlock(c2))
         self.enc3 = nn.Sequential(

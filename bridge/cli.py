@@ -1,0 +1,212 @@
+"""The ``nuclick-bridge`` command line.
+
+Every subcommand turns bad input into one readable error line and a non-zero
+exit; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from bridge import __version__
+from bridge.errors import BridgeInputError
+
+EXIT_INPUT = 2
+EXIT_INTERNAL = 1
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the network runs: auto picks a CUDA GPU when torch sees one (default: auto)",
+    )
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--method",
+        default="nuclick",
+        choices=("nuclick", "watershed"),
+        help="nuclick (the trained network, default) or watershed (the paper's baseline, no weights needed)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="NuClick weights file (default: the weights shipped inside the package)",
+    )
+    _add_device(p)
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="patches per network batch (default: 32)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability threshold (default: the model's, 0.4 as published)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nuclick-bridge",
+        description="Click once inside each nucleus, get one exact polygon per click (NuClick).",
+        epilog="Coordinates are level-0 image pixels; pixel (c, r) spans [c, c+1) x [r, r+1), as in QuPath. "
+        "Run 'nuclick-bridge COMMAND --help' for each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"nuclick-bridge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "segment",
+        help="segment the nuclei at the clicks in one image, write QuPath GeoJSON",
+        description="Segment one nucleus per click and write a QuPath-importable GeoJSON "
+        "FeatureCollection of detections. Only the pixels around the clicks are "
+        "read, so large pyramidal TIFFs are fine.",
+        epilog="example: nuclick-bridge segment slide.tif --points clicks.csv --out nuclei.geojson",
+    )
+    p.add_argument("image", help="RGB image: PNG, JPEG or (pyramidal, tiled) TIFF")
+    p.add_argument(
+        "--points",
+        required=True,
+        metavar="FILE",
+        help="clicks: CSV with header x,y[,class] or QuPath GeoJSON points (Point/MultiPoint)",
+    )
+    p.add_argument("--out", required=True, metavar="OUT.geojson", help="output GeoJSON file")
+    p.add_argument("--tolerance", type=float, default=0.5, help="polygon simplification in px (default: 0.5)")
+    _add_engine(p)
+    p.set_defaults(handler="bridge.commands.segment:run")
+
+    p = sub.add_parser(
+        "evaluate",
+        help="measure accuracy against ground-truth instance labels",
+        description="Segment every labelled nucleus from one click each and print the paper's "
+        "six metrics (AJI, Dice, object Dice, SQ, DQ, PQ). The last stdout line is "
+        "one JSON object.",
+        epilog="example: nuclick-bridge evaluate --images ../shared/data/monuseg/images "
+        "--labels ../shared/data/monuseg/labels --split val --jitter 5 --seed 0",
+    )
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of RGB PNGs")
+    p.add_argument(
+        "--labels",
+        required=True,
+        metavar="DIR",
+        help="folder of uint16 instance-label PNGs with the same file names",
+    )
+    p.add_argument(
+        "--clicks",
+        default=None,
+        metavar="DIR",
+        help="folder of STEM.csv click files (x,y); default: simulate one click per nucleus",
+    )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="only the images of this split from split.json next to the images folder (e.g. val); default: every image",
+    )
+    p.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="simulated clicks: max distance in px from the nucleus centroid (default: 0)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed for simulated clicks (default: 0)")
+    p.add_argument("--out", default=None, metavar="PRED_DIR", help="write predicted instance PNGs here")
+    _add_engine(p)
+    p.set_defaults(handler="bridge.commands.evaluate:run")
+
+    p = sub.add_parser(
+        "train",
+        help="train NuClick weights on labelled data (needs torch)",
+        description="Train NuClick as published (hybrid Dice + weighted BCE loss, Adam, "
+        "jittered clicks, on-the-fly guidance maps) on the 'train' split of each "
+        "--data folder, validating on its 'val' split every epoch. Checkpoints go "
+        "to OUT.ckpt; an interrupted run resumes from it automatically.",
+        epilog="example: nuclick-bridge train --data ../shared/data/monuseg "
+        "--data ../shared/data/consep_tiles --out runs/w025.pt",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="dataset folder with images/, labels/, split.json (repeatable)",
+    )
+    p.add_argument("--out", required=True, metavar="WEIGHTS", help="where to write the best weights")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument(
+        "--width",
+        type=float,
+        default=0.25,
+        help="channel width multiplier; 1.0 = the published network (default: 0.25)",
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 3e-3, as published)")
+    p.add_argument("--sigma", type=float, default=2.0, help="Gaussian sigma of the guidance maps (px)")
+    p.add_argument("--jitter", type=float, default=5.0, help="click jitter in training (px)")
+    p.add_argument(
+        "--samples-per-epoch",
+        type=int,
+        default=4000,
+        help="training patches between validations (0: every nucleus once; default: 4000)",
+    )
+    p.add_argument("--train-split", default="train", help="split(s) to train on, e.g. train or train+val")
+    p.add_argument("--val-split", default="val", help="split to validate on ('' for none)")
+    p.add_argument(
+        "--val-limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="validate on at most N images per dataset (0: all)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+    p.add_argument("--resume", default=None, metavar="CKPT", help="checkpoint to resume from")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
+    p.set_defaults(handler="bridge.commands.train:run")
+    return parser
+
+
+def _resolve(spec: str) -> Handler:
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_INPUT
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(_resolve(args.handler)(args) or 0)
+    except BridgeInputError as exc:
+        if args.debug:
+            raise
+        print(f"nuclick-bridge {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"nuclick-bridge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"nuclick-bridge {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(run with --debug for details)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""``nuclick-bridge train``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+from bridge.datasets import load_split
+from bridge.errors import BridgeInputError
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def run(args: argparse.Namespace) -> int:
+    from bridge.model.weights import resolve_device
+    from bridge.train.loop import TrainConfig, train
+
+    roots = [Path(d) for d in args.data]
+    for r in roots:
+        if not (r / "images").is_dir():
+            raise BridgeInputError(f"{r} is not a dataset folder (no images/ inside)")
+    train_items = []
+    val = {}
+    for r in roots:
+        train_items += load_split(r, args.train_split)
+        if args.val_split:
+            items = load_split(r, args.val_split)
+            val[r.name] = items[: args.val_limit] if args.val_limit else items
+    cfg = TrainConfig(
+        width=args.width,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        sigma=args.sigma,
+        jitter=args.jitter,
+        samples_per_epoch=args.samples_per_epoch,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    meta = {
+        "name": f"nuclick-w{args.width:g}",
+        "data": [str(r) for r in roots],
+        "train_split": args.train_split,
+        "val_split": args.val_split,
+        "code_commit": _git_commit(),
+        "licence": "CC BY-NC-SA 4.0 (trained on MoNuSeg/CoNSeP): non-commercial use only",
+    }
+    state = train(
+        cfg,
+        train_items,
+        val,
+        Path(args.out),
+        resolve_device(args.device),
+        Path(args.resume) if args.resume else None,
+        meta,
+    )
+    print(json.dumps({"best_mean_val_aji": state["best_aji"], "epochs": state["epoch"], "out": args.out}))
+    return 0

@@ -1,0 +1,97 @@
+"""Loading NuClick weights: the file shipped inside the package by default,
+or a user's file; never a download."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bridge.errors import BridgeInputError
+from bridge.model.network import NuClickNet
+
+DEFAULT_WEIGHTS_NAME = "nuclick_default.pt"
+
+
+@dataclass
+class ModelInfo:
+    """What a weights file says about itself (reported by the server)."""
+
+    name: str
+    version: str
+    sha256: str
+    width: float
+    patch_size: int = 128
+    sigma: float = 2.0
+    threshold: float = 0.4
+    pixel_size_um: float = 0.25
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_weights_path() -> Path:
+    return Path(str(resources.files("bridge") / "weights" / DEFAULT_WEIGHTS_NAME))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights(path: Path, model: NuClickNet, meta: dict[str, Any]) -> None:
+    """Store fp16 weights plus the settings inference needs."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": "nuclick-bridge/1", "width": model.width, "state_dict": state, "meta": meta}, tmp)
+    tmp.replace(path)
+
+
+def load_model(path: str | Path | None = None) -> tuple[NuClickNet, ModelInfo]:
+    """The network (eval mode, fp32) and its info, from ``path`` or the shipped file."""
+    p = Path(path) if path is not None else default_weights_path()
+    if not p.is_file():
+        if path is None:
+            raise BridgeInputError(
+                "no trained NuClick weights are installed in this package yet; "
+                "pass --weights FILE, or use --method watershed"
+            )
+        raise BridgeInputError(f"weights file not found: {p}")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+        model = NuClickNet(width=float(blob["width"]))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+    except Exception as exc:  # corrupt or foreign file
+        raise BridgeInputError(f"{p.name} is not a nuclick-bridge weights file ({type(exc).__name__})") from exc
+    model.eval()
+    meta = dict(blob.get("meta", {}))
+    sha = file_sha256(p)
+    info = ModelInfo(
+        name=str(meta.pop("name", p.stem)),
+        version=str(meta.pop("version", sha[:12])),
+        sha256=sha,
+        width=float(blob["width"]),
+        patch_size=int(meta.pop("patch_size", 128)),
+        sigma=float(meta.pop("sigma", 2.0)),
+        threshold=float(meta.pop("threshold", 0.4)),
+        pixel_size_um=float(meta.pop("pixel_size_um", 0.25)),
+        extra=meta,
+    )
+    return model, info
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when a GPU is usable, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BridgeInputError("--device cuda was asked for, but no CUDA GPU is available to torch")
+    if name not in ("cpu", "cuda"):
+        raise BridgeInputError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
