@@ -80,7 +80,7 @@ def test_tiff_read_region_matches_png(pyramid: Path, rgb: np.ndarray, window: tu
         assert isinstance(reader, RegionReader)
         assert (reader.width, reader.height) == (1000, 1000)
         out = reader.read_region(*window)
-    x0, y0, w, h = window
+    _, _, w, h = window
     assert out.shape == (h, w, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, expected(rgb, *window))
 
@@ -126,9 +126,7 @@ def test_jpeg_and_bmp(rgb: np.ndarray, tmp_path: Path) -> None:
     assert out.shape == rgb.shape and np.abs(out.astype(int) - rgb).mean() < 5
 
 
-def test_tiff_reader_decodes_only_intersecting_tiles(
-    pyramid: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tiff_reader_decodes_only_intersecting_tiles(pyramid: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Count the chunk keys tifffile's Zarr store decodes (each get() decodes one tile),
     and make any whole-plane decode fail outright."""
     fetched: list[tuple[int, int]] = []
@@ -154,9 +152,7 @@ def test_tiff_reader_decodes_only_intersecting_tiles(
             xa, ya = max(x0, 0), max(y0, 0)
             xb, yb = min(x0 + w, 1000), min(y0 + h, 1000)
             want = {
-                (r, c)
-                for r in range(ya // TILE, (yb - 1) // TILE + 1)
-                for c in range(xa // TILE, (xb - 1) // TILE + 1)
+                (r, c) for r in range(ya // TILE, (yb - 1) // TILE + 1) for c in range(xa // TILE, (xb - 1) // TILE + 1)
             }
             assert sorted(fetched) == sorted(want), (x0, y0, w, h)
         fetched.clear()
@@ -277,10 +273,10 @@ def test_tiff_codec_unavailable(tmp_path: Path) -> None:
 
 
 def test_missing_and_unsupported(tmp_path: Path) -> None:
-    with pytest.raises(BridgeInputError, match="not found.*nope.tif"):
+    with pytest.raises(BridgeInputError, match=r"not found.*nope\.tif"):
         open_image(tmp_path / "nope.tif")
     (tmp_path / "image.gif").write_bytes(b"GIF89a")
-    with pytest.raises(BridgeInputError, match="unsupported image type .gif"):
+    with pytest.raises(BridgeInputError, match=r"unsupported image type \.gif"):
         open_image(tmp_path / "image.gif")
     with pytest.raises(BridgeInputError, match="not a file"):
         open_image(tmp_path)

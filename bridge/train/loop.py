@@ -147,7 +147,7 @@ def train(
             state["step"] += 1
             state["step_in_epoch"] += 1
             run_loss = 0.98 * run_loss + 0.02 * loss.item() if run_loss else loss.item()
-            bar.set_postfix(loss=f"{run_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+            bar.set_postfix(loss=f"{run_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
             if state["step_in_epoch"] % cfg.checkpoint_every == 0:
                 _checkpoint(ckpt_path, model, opt, sched, state, cfg)
         bar.close()

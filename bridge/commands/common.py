@@ -1,0 +1,32 @@
+"""Pieces shared by the commands that segment."""
+
+from __future__ import annotations
+
+import argparse
+
+from bridge.errors import BridgeInputError
+
+
+def make_segmenter(args: argparse.Namespace):
+    """The NuClick engine or the watershed baseline, as the flags ask.
+
+    Both offer ``segment(reader, clicks, progress=False) -> Segmentation``.
+    """
+    tolerance = getattr(args, "tolerance", 0.5)
+    if args.method == "watershed":
+        from bridge.watershed import WatershedSegmenter
+
+        return WatershedSegmenter(simplify_tolerance=tolerance)
+    from bridge.engine import NuClickEngine
+
+    if args.batch_size < 1:
+        raise BridgeInputError("--batch-size must be at least 1")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise BridgeInputError("--threshold must be between 0 and 1")
+    return NuClickEngine.load(
+        args.weights,
+        device=args.device,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        simplify_tolerance=tolerance,
+    )

@@ -1,0 +1,43 @@
+"""``nuclick-bridge segment``: one image, its clicks, a QuPath GeoJSON out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bridge.commands.common import make_segmenter
+from bridge.errors import BridgeInputError
+from bridge.geojson import write_geojson
+from bridge.imageio import open_image
+from bridge.points import read_points, validate_clicks
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise BridgeInputError(f"output folder does not exist: {out.parent}")
+    if args.tolerance < 0:
+        raise BridgeInputError("--tolerance must be >= 0")
+    clicks = read_points(args.points)
+    t0 = time.perf_counter()
+    with open_image(args.image) as reader:
+        validate_clicks(clicks, reader.width, reader.height)
+        segmenter = make_segmenter(args)
+        seg = segmenter.segment(reader, clicks, progress=sys.stderr.isatty())
+    n = write_geojson(out, seg.results)
+    missing = [r for r in seg.results if not r.found]
+    for r in missing:
+        c = r.click
+        print(f"not found: click {c.id} at ({c.x:.1f}, {c.y:.1f}): {r.reason}", file=sys.stderr)
+    summary = {
+        "clicks": len(clicks),
+        "found": n,
+        "not_found": len(missing),
+        "out": str(out),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,198 @@
+"""The NuClick paper's weight-free baseline: marker-controlled watershed.
+
+For each click the same ``patch_size`` x ``patch_size`` patch as the NuClick
+engine is read around it (``bridge.coords.patch_origin``), and a watershed is
+run on the gradient magnitude (Sobel) of the smoothed haematoxylin channel
+(``skimage.color.rgb2hed``; or plain darkness, ``channel="grey"``).
+
+Markers (one label each):
+
+* the click's pixel;
+* every other click that falls in the patch (so neighbouring nuclei compete
+  for their boundary instead of being swallowed);
+* one background marker: the patch pixels whose smoothed stain is below an
+  Otsu threshold computed on the patch's in-image pixels (i.e. the pale,
+  non-nuclear pixels), eroded by ``background_erosion`` px so that the
+  boundary is left to the gradient ridge, minus a ``keep_clear`` px disc around
+  every click (a pale nucleus must still get its own region); plus the patch's
+  outer ring and any padding outside the image, so that no region can run off
+  the patch or into the padding.
+
+The clicked label's region then goes through exactly the engine's rules
+(``clean_patch``: in-image only, small objects removed, the component under the
+click kept, holes filled), becomes a :class:`PatchMask` with probability 1
+inside the mask and 0 outside, overlaps are resolved with ``resolve_overlaps``
+(with equal probabilities the lower click index wins) and the results are built
+with ``build_results`` -- the same path as ``NuClickEngine.segment``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
+from skimage.color import rgb2hed
+from skimage.filters import sobel, threshold_otsu
+from skimage.morphology import disk
+from skimage.segmentation import watershed
+from tqdm import tqdm
+
+from bridge.coords import patch_origin, pixel_of
+from bridge.engine import _valid_window, check_finite
+from bridge.errors import BridgeInputError
+from bridge.imageio import RegionReader
+from bridge.postprocess import PatchMask, clean_patch, resolve_overlaps
+from bridge.results import Click
+from bridge.segmentation import Segmentation, build_results, outside_reasons
+
+CHANNELS = ("hematoxylin", "grey")
+
+# Labels in the marker image.
+_BACKGROUND = 1
+_CLICK = 2
+
+
+def stain_image(rgb: np.ndarray, channel: str = "hematoxylin") -> np.ndarray:
+    """float64 image that is high on nuclei: haematoxylin density or darkness."""
+    if channel == "hematoxylin":
+        return rgb2hed(rgb)[..., 0]
+    if channel == "grey":
+        return 1.0 - rgb.astype(np.float64).mean(axis=2) / 255.0
+    raise BridgeInputError(f"unknown watershed channel {channel!r}; use one of {', '.join(CHANNELS)}")
+
+
+def _disc_offsets(radius: float) -> np.ndarray:
+    """(K, 2) (row, col) offsets of the pixels within ``radius`` of the origin."""
+    r = int(np.floor(max(radius, 0.0)))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return np.stack([yy[yy**2 + xx**2 <= radius**2], xx[yy**2 + xx**2 <= radius**2]], axis=1)
+
+
+def _stamp(points: np.ndarray, offsets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels of a disc around each point, inside the patch: (pixels (K, 2),
+    index of the point each belongs to, squared distance to it)."""
+    pts = (points[:, None, :] + offsets[None, :, :]).reshape(-1, 2)
+    owner = np.repeat(np.arange(len(points)), len(offsets))
+    dist = np.tile((offsets**2).sum(axis=1), len(points))
+    ok = ((pts >= 0) & (pts < size)).all(axis=1)
+    return pts[ok], owner[ok], dist[ok]
+
+
+class WatershedSegmenter:
+    """Click-seeded marker-controlled watershed, a drop-in for
+    ``NuClickEngine.segment`` that needs no weights (see the module docstring)."""
+
+    def __init__(
+        self,
+        patch_size: int = 128,
+        min_size: int = 10,
+        simplify_tolerance: float = 0.5,
+        channel: str = "hematoxylin",
+        sigma: float = 1.0,
+        background_erosion: int = 2,
+        keep_clear: float = 4.0,
+        marker_radius: float = 2.0,
+        compactness: float = 0.0,
+    ) -> None:
+        if patch_size < 8:
+            raise BridgeInputError("patch size must be at least 8")
+        if channel not in CHANNELS:
+            raise BridgeInputError(f"unknown watershed channel {channel!r}; use one of {', '.join(CHANNELS)}")
+        self.patch_size = patch_size
+        self.min_size = min_size
+        self.tolerance = simplify_tolerance
+        self.channel = channel
+        self.sigma = sigma
+        self.background_erosion = background_erosion
+        self.keep_clear = keep_clear
+        self.marker_radius = marker_radius
+        self.compactness = compactness
+        self._erosion_fp = disk(background_erosion) if background_erosion > 0 else None
+        self._clear_offsets = _disc_offsets(keep_clear)
+        self._marker_offsets = _disc_offsets(marker_radius)
+
+    def patch_mask(self, rgb: np.ndarray, valid: np.ndarray, seed: tuple[int, int], others: np.ndarray) -> np.ndarray:
+        """Boolean mask of the clicked nucleus in one patch.
+
+        ``rgb`` (size, size, 3) uint8 patch, ``valid`` its in-image pixels,
+        ``seed`` the click's (row, col) in the patch, ``others`` (M, 2) int
+        (row, col) of the other clicks inside the patch.
+        """
+        size = rgb.shape[0]
+        stain = stain_image(rgb, self.channel)
+        inside = stain[valid]
+        if inside.size == 0:  # cannot happen for a click on the image
+            return np.zeros((size, size), dtype=bool)
+        stain[~valid] = np.median(inside)  # no artificial edge at the image border
+        if self.sigma > 0:
+            stain = ndi.gaussian_filter(stain, self.sigma)
+        gradient = sobel(stain)
+
+        clicks = np.concatenate([np.asarray(seed, dtype=np.int64).reshape(1, 2), others], axis=0)
+        markers = np.zeros((size, size), dtype=np.int32)
+        nuclear = valid.copy()
+        inside = stain[valid]
+        if inside.max() > inside.min():
+            otsu = threshold_otsu(inside)
+            nuclear &= stain >= otsu
+            pale = (stain < otsu) & valid
+            if self._erosion_fp is not None:
+                pale = ndi.binary_erosion(pale, self._erosion_fp, border_value=1)
+            if self.keep_clear > 0:
+                near = _stamp(clicks, self._clear_offsets, size)[0]
+                pale[near[:, 0], near[:, 1]] = False
+            markers[pale] = _BACKGROUND
+        markers[~valid] = _BACKGROUND
+        markers[[0, -1], :] = _BACKGROUND
+        markers[:, [0, -1]] = _BACKGROUND
+        # Each click's marker: the nuclear-looking pixels of a small disc around
+        # it, a pixel shared by two discs going to the nearer click; the click
+        # pixel itself always.
+        pts, owner, dist = _stamp(clicks, self._marker_offsets, size)
+        keep = nuclear[pts[:, 0], pts[:, 1]]
+        pts, owner, dist = pts[keep], owner[keep], dist[keep]
+        order = np.lexsort((-owner, -dist))  # nearest (then lowest index) painted last
+        markers[pts[order, 0], pts[order, 1]] = _CLICK + owner[order]
+        markers[clicks[::-1, 0], clicks[::-1, 1]] = _CLICK + np.arange(len(clicks))[::-1]
+        # Minima imposition: markers flood first, whatever the gradient under them.
+        gradient[markers > 0] = 0.0
+        labels = watershed(gradient, markers, compactness=self.compactness)
+        region = labels == _CLICK
+        return clean_patch(region.astype(np.float32), seed, 0.5, self.min_size, valid)
+
+    def iter_patches(
+        self, reader: RegionReader, clicks: Sequence[Click], indices: Sequence[int], progress: bool = False
+    ):
+        """(click index, patch mask) for ``indices``; prob is 1 inside the mask."""
+        size = self.patch_size
+        xy = np.array([[c.x, c.y] for c in clicks], dtype=np.float64).reshape(-1, 2)
+        pix = np.floor(xy).astype(np.int64)  # (col, row), as bridge.coords.pixel_of
+        tree = cKDTree(xy) if len(xy) else None
+        for k in tqdm(indices, desc="nuclei", unit="nuc", disable=not progress, leave=False):
+            ox, oy = patch_origin(xy[k, 0], xy[k, 1], size)
+            col, row = pixel_of(xy[k, 0], xy[k, 1])
+            seed = (row - oy, col - ox)
+            rgb = reader.read_region(ox, oy, size, size)
+            valid = _valid_window((ox, oy), size, reader.width, reader.height)
+            near = [j for j in tree.query_ball_point(xy[k], r=size / 2 + 1, p=np.inf) if j != k]
+            local = pix[near][:, ::-1] - np.array([oy, ox]) if near else np.zeros((0, 2), dtype=np.int64)
+            local = local[((local >= 0) & (local < size)).all(axis=1)]
+            local = local[valid[local[:, 0], local[:, 1]]]
+            mask = self.patch_mask(rgb, valid, seed, local)
+            yield k, PatchMask((ox, oy), mask, mask.astype(np.float32), seed)
+
+    def segment(self, reader: RegionReader, clicks: Sequence[Click], progress: bool = False) -> Segmentation:
+        """One result per click, in click order (same contract as the engine)."""
+        clicks = list(clicks)
+        check_finite(clicks)
+        reasons = outside_reasons(clicks, reader.width, reader.height)
+        todo = [k for k in range(len(clicks)) if k not in reasons]
+        masks: list[PatchMask | None] = [None] * len(clicks)
+        for k, pm in self.iter_patches(reader, clicks, todo, progress):
+            masks[k] = pm
+        done = [k for k in todo if masks[k] is not None]
+        for k, pm in zip(done, resolve_overlaps([masks[k] for k in done], self.min_size), strict=True):
+            masks[k] = pm
+        return build_results(clicks, masks, reasons, self.tolerance)

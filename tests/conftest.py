@@ -1,0 +1,34 @@
+"""Shared fixtures: the real data beside the repository, small real crops of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VAL_IMAGE = "TCGA-21-5786-01Z-00-DX1"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not (DATA / "monuseg" / "images").is_dir():
+        pytest.fail(f"the shared data is missing: expected {DATA} beside the repository")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def monuseg_pair(data_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A real validation image and its instance labels."""
+    img = np.asarray(Image.open(data_root / "monuseg" / "images" / f"{VAL_IMAGE}.png").convert("RGB"))
+    lab = np.asarray(Image.open(data_root / "monuseg" / "labels" / f"{VAL_IMAGE}.png")).astype(np.int32)
+    return img, lab
+
+
+@pytest.fixture(scope="session")
+def crop_pair(monuseg_pair) -> tuple[np.ndarray, np.ndarray]:
+    """A 256x256 crop, small enough for CPU tests."""
+    img, lab = monuseg_pair
+    return np.ascontiguousarray(img[300:556, 400:656]), np.ascontiguousarray(lab[300:556, 400:656])
