@@ -1,0 +1,124 @@
+"""Reading pixels only around the clicks, each tile once.
+
+Whole-slide jobs (the connectors, ``segment`` on a pyramidal TIFF) group
+nearby clicks into level-0 tiles.  A tile covers the patch of every click it
+segments (its *members*), and the clicks whose exclusion Gaussians reach into
+those patches (its *context*) are passed along, so a nucleus at a tile border
+gets exactly the polygon it would get with the whole image in memory.
+Overlaps between neighbours are resolved once, over all tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+from tqdm import tqdm
+
+from bridge.coords import patch_origin
+from bridge.imageio import RegionReader
+from bridge.results import Click
+
+DEFAULT_MAX_TILE = 2048
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A level-0 window (clipped to the image) and the clicks it serves."""
+
+    x0: int
+    y0: int
+    width: int
+    height: int
+    members: tuple[int, ...]
+    context: tuple[int, ...]
+
+
+def guidance_reach(patch_size: int, sigma: float) -> float:
+    """How far (Chebyshev, px) a neighbour's click may be from a click and
+    still put exclusion signal into its patch."""
+    return patch_size / 2 + 4 * sigma + 1
+
+
+def plan_tiles(
+    clicks: Sequence[Click],
+    width: int,
+    height: int,
+    patch_size: int = 128,
+    sigma: float = 2.0,
+    max_tile: int = DEFAULT_MAX_TILE,
+) -> list[Tile]:
+    """Group the on-image clicks into tiles of at most ``max_tile`` px a side.
+
+    Clicks are binned on a grid whose cells leave room for one patch margin on
+    each side; each tile is the bounding box of its members' patches, clipped
+    to the image.  Clicks off the image are in no tile (the segmenter reports
+    them as not found).
+    """
+    if max_tile < 2 * patch_size:
+        raise ValueError(f"max_tile must be at least {2 * patch_size}")
+    xy = np.array([[c.x, c.y] for c in clicks], dtype=np.float64).reshape(-1, 2)
+    on_image = np.nonzero((xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height))[0]
+    cell = max_tile - patch_size
+    bins: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for k in on_image.tolist():
+        bins[(math.floor(xy[k, 0] / cell), math.floor(xy[k, 1] / cell))].append(k)
+    tree = cKDTree(xy) if len(xy) else None
+    reach = guidance_reach(patch_size, sigma)
+    tiles = []
+    for key in sorted(bins):
+        members = bins[key]
+        origins = np.array([patch_origin(xy[k, 0], xy[k, 1], patch_size) for k in members])
+        x0 = max(0, int(origins[:, 0].min()))
+        y0 = max(0, int(origins[:, 1].min()))
+        x1 = min(width, int(origins[:, 0].max()) + patch_size)
+        y1 = min(height, int(origins[:, 1].max()) + patch_size)
+        near: set[int] = set()
+        for found in tree.query_ball_point(xy[members], r=reach, p=np.inf):
+            near.update(found)
+        context = tuple(sorted(near - set(members)))
+        tiles.append(Tile(x0, y0, x1 - x0, y1 - y0, tuple(members), context))
+    return tiles
+
+
+class TileReader:
+    """A RegionReader over one tile read into memory, answering in level-0
+    coordinates; pixels off the image are zero, as from the full reader."""
+
+    def __init__(self, pixels: np.ndarray, origin: tuple[int, int], width: int, height: int) -> None:
+        self.pixels = pixels
+        self.x0, self.y0 = origin
+        self.width, self.height = width, height
+
+    def read_region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        out = np.zeros((h, w, 3), dtype=np.uint8)
+        xs, ys = max(x0, 0), max(y0, 0)
+        xe, ye = min(x0 + w, self.width), min(y0 + h, self.height)
+        if xe <= xs or ye <= ys:
+            return out
+        th, tw = self.pixels.shape[:2]
+        if xs < self.x0 or ys < self.y0 or xe > self.x0 + tw or ye > self.y0 + th:
+            raise ValueError(f"window ({x0}, {y0}, {w}, {h}) is not inside the tile at ({self.x0}, {self.y0})")
+        src = self.pixels[ys - self.y0 : ye - self.y0, xs - self.x0 : xe - self.x0]
+        out[ys - y0 : ye - y0, xs - x0 : xe - x0] = src
+        return out
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> TileReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def iter_tiles(reader: RegionReader, tiles: Sequence[Tile], progress: bool = False):
+    """(tile, TileReader) pairs, each tile's pixels read exactly once."""
+    for tile in tqdm(tiles, desc="tiles", unit="tile", disable=not progress, leave=False):
+        pixels = reader.read_region(tile.x0, tile.y0, tile.width, tile.height)
+        yield tile, TileReader(pixels, (tile.x0, tile.y0), reader.width, reader.height)
