@@ -7,7 +7,6 @@ and knows nothing about QuPath, OMERO or the network protocol.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,15 +21,9 @@ from bridge.guidance import guidance_pair
 from bridge.imageio import RegionReader
 from bridge.model.network import NuClickNet
 from bridge.model.weights import ModelInfo, load_model, resolve_device
-from bridge.postprocess import PatchMask, clean_patch, resolve_overlaps
+from bridge.postprocess import PatchMask, clean_patch
 from bridge.results import Click
-from bridge.segmentation import Segmentation, build_results, outside_reasons
-
-
-def check_finite(clicks: Sequence[Click]) -> None:
-    for k, c in enumerate(clicks):
-        if not (math.isfinite(c.x) and math.isfinite(c.y)):
-            raise BridgeInputError(f"click {c.id or k + 1} has a non-finite coordinate ({c.x}, {c.y})")
+from bridge.segmentation import PatchSegmenter, valid_window
 
 
 def build_inputs(
@@ -59,7 +52,7 @@ def build_inputs(
     return batch, origins
 
 
-class NuClickEngine:
+class NuClickEngine(PatchSegmenter):
     """Batched NuClick inference on CPU or CUDA.
 
     Build it with :meth:`load` (shipped or given weights) or directly from a
@@ -86,7 +79,7 @@ class NuClickEngine:
         self.min_size = min_size
         self.tolerance = simplify_tolerance
         self.patch_size = info.patch_size
-        self.sigma = info.sigma
+        self.sigma = self.guidance_sigma = info.sigma
 
     @classmethod
     def load(cls, weights: str | Path | None = None, device: str = "auto", **kwargs) -> NuClickEngine:
@@ -107,7 +100,8 @@ class NuClickEngine:
     def iter_patches(
         self, reader: RegionReader, clicks: Sequence[Click], indices: Sequence[int], progress: bool = False
     ) -> Iterator[tuple[int, PatchMask]]:
-        """(click index, cleaned patch mask) for ``indices``, batch by batch."""
+        """(click index, cleaned patch mask) for ``indices``, batch by batch;
+        every click in ``clicks`` contributes to the exclusion maps."""
         size = self.patch_size
         xy = np.array([[c.x, c.y] for c in clicks], dtype=np.float64).reshape(-1, 2)
         tree = cKDTree(xy) if len(xy) else None
@@ -119,30 +113,8 @@ class NuClickEngine:
             for k, origin, prob in zip(chunk, origins, probs, strict=True):
                 col, row = pixel_of(xy[k, 0], xy[k, 1])
                 seed = (row - origin[1], col - origin[0])
-                valid = _valid_window(origin, size, reader.width, reader.height)
+                valid = valid_window(origin, size, reader.width, reader.height)
                 mask = clean_patch(prob, seed, self.threshold, self.min_size, valid)
                 yield k, PatchMask(origin, mask, prob.astype(np.float32), seed)
             bar.update(len(chunk))
         bar.close()
-
-    def segment(self, reader: RegionReader, clicks: Sequence[Click], progress: bool = False) -> Segmentation:
-        """One result per click, in click order."""
-        clicks = list(clicks)
-        check_finite(clicks)
-        reasons = outside_reasons(clicks, reader.width, reader.height)
-        todo = [k for k in range(len(clicks)) if k not in reasons]
-        masks: list[PatchMask | None] = [None] * len(clicks)
-        for k, pm in self.iter_patches(reader, clicks, todo, progress):
-            masks[k] = pm
-        done = [k for k in todo if masks[k] is not None]
-        for k, pm in zip(done, resolve_overlaps([masks[k] for k in done], self.min_size), strict=True):
-            masks[k] = pm
-        return build_results(clicks, masks, reasons, self.tolerance)
-
-
-def _valid_window(origin: tuple[int, int], size: int, width: int, height: int) -> np.ndarray:
-    """Which pixels of the patch at ``origin`` lie inside the image."""
-    ox, oy = origin
-    valid = np.zeros((size, size), dtype=bool)
-    valid[max(0, -oy) : max(0, min(size, height - oy)), max(0, -ox) : max(0, min(size, width - ox))] = True
-    return valid

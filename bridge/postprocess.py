@@ -17,12 +17,34 @@ FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 
 @dataclass
 class PatchMask:
-    """One click's mask and probabilities in its patch (origin = level-0 x, y)."""
+    """One click's mask and probabilities in a window at ``origin`` (level-0
+    x, y): the whole patch at first, cropped to the mask by :meth:`cropped`."""
 
     origin: tuple[int, int]
-    mask: np.ndarray  # bool (size, size)
-    prob: np.ndarray  # float32 (size, size)
-    seed: tuple[int, int]  # (row, col) of the click inside the patch
+    mask: np.ndarray  # bool (h, w)
+    prob: np.ndarray  # float32 (h, w)
+    seed: tuple[int, int]  # (row, col) of the click relative to origin; may lie outside a cropped window
+
+    def box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of the window in level-0 pixels."""
+        h, w = self.mask.shape
+        return self.origin[0], self.origin[1], self.origin[0] + w, self.origin[1] + h
+
+    def cropped(self) -> PatchMask:
+        """The same mask in the smallest window that holds it, so that whole-slide
+        click sets keep a few kB per nucleus instead of a full patch."""
+        rows, cols = np.nonzero(self.mask.any(1))[0], np.nonzero(self.mask.any(0))[0]
+        if len(rows) == 0:
+            r0 = c0 = 0
+            r1 = c1 = 0
+        else:
+            r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        return PatchMask(
+            (self.origin[0] + int(c0), self.origin[1] + int(r0)),
+            self.mask[r0:r1, c0:c1].copy(),
+            self.prob[r0:r1, c0:c1].copy(),
+            (self.seed[0] - int(r0), self.seed[1] - int(c0)),
+        )
 
 
 def component_at(mask: np.ndarray, seed: tuple[int, int], snap: float = 3.0) -> np.ndarray:
@@ -70,29 +92,46 @@ def clean_patch(
     return ndi.binary_fill_holes(mask)
 
 
+def keep_seed_component(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
+    """The 4-connected component under ``seed``, or the largest one when the
+    seed pixel was lost (or lies outside a cropped window)."""
+    labels, n = ndi.label(mask, structure=FOUR_CONNECTED)
+    if n <= 1:
+        return mask
+    r, c = seed
+    if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and labels[r, c]:
+        return labels == labels[r, c]
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == int(np.argmax(sizes)) + 1
+
+
 def resolve_overlaps(items: list[PatchMask], min_size: int = 10) -> list[PatchMask]:
     """Give every pixel claimed by several nuclei to the one whose patch had the
-    highest probability there (ties: the lower click index), independent of
-    order; then keep each nucleus's component under its click.
+    highest probability there (ties: the lower index in ``items``), independent
+    of order; then keep each nucleus's component under its click.
 
-    Only patches whose windows intersect are compared, so this scales to
-    whole-slide click sets.
+    Only windows that intersect are compared, so this scales to whole-slide
+    click sets.
     """
     if len(items) < 2:
         return items
-    size = items[0].mask.shape[0]
-    origins = np.array([it.origin for it in items], dtype=np.float64)
-    pairs = cKDTree(origins).query_pairs(r=size - 0.5, p=np.inf, output_type="ndarray")
+    boxes = np.array([it.box() for it in items], dtype=np.float64)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = float(np.max(boxes[:, 2:] - boxes[:, :2])) if len(boxes) else 0.0
+    pairs = cKDTree(centres).query_pairs(r=half, p=np.inf, output_type="ndarray")
     lose = [np.zeros_like(it.mask) for it in items]
     for i, j in pairs:
-        a, b = items[i], items[j]
-        dx, dy = b.origin[0] - a.origin[0], b.origin[1] - a.origin[1]
-        ra = (slice(max(0, dy), size + min(0, dy)), slice(max(0, dx), size + min(0, dx)))
-        rb = (slice(max(0, -dy), size + min(0, -dy)), slice(max(0, -dx), size + min(0, -dx)))
-        both = a.mask[ra] & b.mask[rb]
+        ax0, ay0, ax1, ay1 = items[i].box()
+        bx0, by0, bx1, by1 = items[j].box()
+        x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        ra = (slice(y0 - ay0, y1 - ay0), slice(x0 - ax0, x1 - ax0))
+        rb = (slice(y0 - by0, y1 - by0), slice(x0 - bx0, x1 - bx0))
+        both = items[i].mask[ra] & items[j].mask[rb]
         if not both.any():
             continue
-        pa, pb = a.prob[ra], b.prob[rb]
+        pa, pb = items[i].prob[ra], items[j].prob[rb]
         a_wins = (pa > pb) | ((pa == pb) & (i < j))
         lose[i][ra] |= both & ~a_wins
         lose[j][rb] |= both & a_wins
@@ -101,9 +140,8 @@ def resolve_overlaps(items: list[PatchMask], min_size: int = 10) -> list[PatchMa
         if not lost.any():
             out.append(it)
             continue
-        kept = it.mask & ~lost
-        comp = component_at(kept, it.seed, snap=float(size))
-        if comp.sum() < min_size:
-            comp = np.zeros_like(comp)
-        out.append(PatchMask(it.origin, comp, it.prob, it.seed))
+        kept = keep_seed_component(it.mask & ~lost, it.seed)
+        if kept.sum() < min_size:
+            kept = np.zeros_like(kept)
+        out.append(PatchMask(it.origin, kept, it.prob, it.seed))
     return out

@@ -4,13 +4,18 @@ every method (NuClick and the watershed baseline)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from bridge.errors import BridgeInputError
+from bridge.imageio import RegionReader
 from bridge.polygons import mask_to_polygon
-from bridge.postprocess import PatchMask
+from bridge.postprocess import PatchMask, resolve_overlaps
 from bridge.results import Click, NucleusResult
+from bridge.tiling import DEFAULT_MAX_TILE, iter_tiles, plan_tiles
 
 
 @dataclass
@@ -18,7 +23,7 @@ class Segmentation:
     """Per-click results (same order as the clicks) and their masks."""
 
     results: list[NucleusResult]
-    masks: list[PatchMask | None]
+    masks: list[PatchMask | None]  # cropped to each nucleus
 
     def instance_map(self, height: int, width: int, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
         """uint32 map of the window (origin, height, width): 0 background,
@@ -40,7 +45,7 @@ class Segmentation:
 
 
 def build_results(
-    clicks: list[Click], masks: list[PatchMask | None], reasons: dict[int, str], tolerance: float
+    clicks: Sequence[Click], masks: Sequence[PatchMask | None], reasons: dict[int, str], tolerance: float
 ) -> Segmentation:
     """Polygons and scores for found nuclei; a reason for every click without one."""
     results = []
@@ -65,3 +70,74 @@ def outside_reasons(clicks: list[Click], width: int, height: int) -> dict[int, s
         for k, c in enumerate(clicks)
         if not (0 <= c.x < width and 0 <= c.y < height)
     }
+
+
+def check_finite(clicks: Sequence[Click]) -> None:
+    for k, c in enumerate(clicks):
+        if not (math.isfinite(c.x) and math.isfinite(c.y)):
+            raise BridgeInputError(f"click {c.id or k + 1} has a non-finite coordinate ({c.x}, {c.y})")
+
+
+def valid_window(origin: tuple[int, int], size: int, width: int, height: int) -> np.ndarray:
+    """Which pixels of the ``size`` x ``size`` patch at ``origin`` lie inside the image."""
+    ox, oy = origin
+    valid = np.zeros((size, size), dtype=bool)
+    valid[max(0, -oy) : max(0, min(size, height - oy)), max(0, -ox) : max(0, min(size, width - ox))] = True
+    return valid
+
+
+class PatchSegmenter:
+    """What every method shares: one patch per click, masks resolved against
+    each other, polygons out; whole images or tile by tile.
+
+    Subclasses implement :meth:`iter_patches`.
+    """
+
+    patch_size: int = 128
+    guidance_sigma: float = 0.0  # neighbours' clicks reach 4 sigma beyond the patch
+    min_size: int = 10
+    tolerance: float = 0.5
+
+    def iter_patches(
+        self, reader: RegionReader, clicks: Sequence[Click], indices: Sequence[int], progress: bool = False
+    ) -> Iterator[tuple[int, PatchMask]]:
+        """(index into ``clicks``, cleaned patch mask) for each of ``indices``;
+        every click in ``clicks`` may act as a neighbour."""
+        raise NotImplementedError
+
+    def finish(self, clicks: list[Click], masks: dict[int, PatchMask], reasons: dict[int, str]) -> Segmentation:
+        keys = sorted(masks)
+        resolved = resolve_overlaps([masks[k].cropped() for k in keys], self.min_size)
+        full: list[PatchMask | None] = [None] * len(clicks)
+        for k, pm in zip(keys, resolved, strict=True):
+            full[k] = pm
+        return build_results(clicks, full, reasons, self.tolerance)
+
+    def segment(self, reader: RegionReader, clicks: Sequence[Click], progress: bool = False) -> Segmentation:
+        """One result per click, in click order, reading each patch from ``reader``."""
+        clicks = list(clicks)
+        check_finite(clicks)
+        reasons = outside_reasons(clicks, reader.width, reader.height)
+        todo = [k for k in range(len(clicks)) if k not in reasons]
+        masks = dict(self.iter_patches(reader, clicks, todo, progress))
+        return self.finish(clicks, masks, reasons)
+
+    def segment_tiled(
+        self,
+        reader: RegionReader,
+        clicks: Sequence[Click],
+        max_tile: int = DEFAULT_MAX_TILE,
+        progress: bool = False,
+    ) -> Segmentation:
+        """Same answer as :meth:`segment`, but the pixels are read once per tile
+        of nearby clicks (see ``bridge.tiling``), for whole-slide images."""
+        clicks = list(clicks)
+        check_finite(clicks)
+        reasons = outside_reasons(clicks, reader.width, reader.height)
+        tiles = plan_tiles(clicks, reader.width, reader.height, self.patch_size, self.guidance_sigma, max_tile)
+        masks: dict[int, PatchMask] = {}
+        for tile, tile_reader in iter_tiles(reader, tiles, progress):
+            local = [clicks[k] for k in tile.members + tile.context]
+            for j, pm in self.iter_patches(tile_reader, local, range(len(tile.members))):
+                masks[tile.members[j]] = pm
+        return self.finish(clicks, masks, reasons)

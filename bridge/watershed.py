@@ -52,12 +52,11 @@ from skimage.segmentation import watershed
 from tqdm import tqdm
 
 from bridge.coords import patch_origin, pixel_of
-from bridge.engine import _valid_window, check_finite
 from bridge.errors import BridgeInputError
 from bridge.imageio import RegionReader
-from bridge.postprocess import PatchMask, clean_patch, resolve_overlaps
+from bridge.postprocess import PatchMask, clean_patch
 from bridge.results import Click
-from bridge.segmentation import Segmentation, build_results, outside_reasons
+from bridge.segmentation import PatchSegmenter, valid_window
 
 CHANNELS = ("hematoxylin", "grey")
 
@@ -92,7 +91,7 @@ def _stamp(points: np.ndarray, offsets: np.ndarray, size: int) -> tuple[np.ndarr
     return pts[ok], owner[ok], dist[ok]
 
 
-class WatershedSegmenter:
+class WatershedSegmenter(PatchSegmenter):
     """Click-seeded marker-controlled watershed, a drop-in for
     ``NuClickEngine.segment`` that needs no weights (see the module docstring).
 
@@ -199,24 +198,10 @@ class WatershedSegmenter:
             col, row = pixel_of(xy[k, 0], xy[k, 1])
             seed = (row - oy, col - ox)
             rgb = reader.read_region(ox, oy, size, size)
-            valid = _valid_window((ox, oy), size, reader.width, reader.height)
+            valid = valid_window((ox, oy), size, reader.width, reader.height)
             near = [j for j in tree.query_ball_point(xy[k], r=size / 2 + 1, p=np.inf) if j != k]
             local = pix[near][:, ::-1] - np.array([oy, ox]) if near else np.zeros((0, 2), dtype=np.int64)
             local = local[((local >= 0) & (local < size)).all(axis=1)]
             local = local[valid[local[:, 0], local[:, 1]]]
             mask = self.patch_mask(rgb, valid, seed, local)
             yield k, PatchMask((ox, oy), mask, mask.astype(np.float32), seed)
-
-    def segment(self, reader: RegionReader, clicks: Sequence[Click], progress: bool = False) -> Segmentation:
-        """One result per click, in click order (same contract as the engine)."""
-        clicks = list(clicks)
-        check_finite(clicks)
-        reasons = outside_reasons(clicks, reader.width, reader.height)
-        todo = [k for k in range(len(clicks)) if k not in reasons]
-        masks: list[PatchMask | None] = [None] * len(clicks)
-        for k, pm in self.iter_patches(reader, clicks, todo, progress):
-            masks[k] = pm
-        done = [k for k in todo if masks[k] is not None]
-        for k, pm in zip(done, resolve_overlaps([masks[k] for k in done], self.min_size), strict=True):
-            masks[k] = pm
-        return build_results(clicks, masks, reasons, self.tolerance)

@@ -78,9 +78,10 @@ def test_masks_do_not_overlap_and_sit_under_their_clicks(crop):
         if pm is None:
             continue
         ox, oy = pm.origin
-        size = pm.mask.shape[0]
-        full = np.zeros((h + 2 * size, w + 2 * size), dtype=bool)  # room for border patches
-        full[oy + size : oy + 2 * size, ox + size : ox + 2 * size] = pm.mask
+        mh, mw = pm.mask.shape
+        size = 128  # room for border patches
+        full = np.zeros((h + 2 * size, w + 2 * size), dtype=bool)
+        full[oy + size : oy + size + mh, ox + size : ox + size + mw] = pm.mask
         assert not full[:size].any() and not full[size + h :].any()  # nothing in padding
         assert not full[:, :size].any() and not full[:, size + w :].any()
         count += full[size : size + h, size : size + w]

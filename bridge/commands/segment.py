@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     with open_image(args.image) as reader:
         validate_clicks(clicks, reader.width, reader.height)
         segmenter = make_segmenter(args)
-        seg = segmenter.segment(reader, clicks, progress=sys.stderr.isatty())
+        seg = segmenter.segment_tiled(reader, clicks, progress=sys.stderr.isatty())
     n = write_geojson(out, seg.results)
     missing = [r for r in seg.results if not r.found]
     for r in missing:
