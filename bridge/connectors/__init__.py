@@ -1,0 +1,16 @@
+"""Connectors: take the clicks from where annotators work, put the nuclei back there.
+
+Each connector is split in two so that everything but the remote calls is
+tested with real files and no server:
+
+* a core that knows GeoJSON-shaped objects, image files and the segmenter
+  (passed in as a parameter: connectors never import torch), and
+* a thin layer over the client library (paquo for QuPath, omero-py for OMERO) that only reads and
+  writes objects.
+
+QuPath: :mod:`bridge.connectors.qupath_objects` (points, markers, detections),
+:mod:`bridge.connectors.qupath_run` (planning, segmentation, safe writes),
+:mod:`bridge.connectors.qupath_images` (local pixels),
+:mod:`bridge.connectors.qupath_paquo` (paquo) and
+:mod:`bridge.connectors.qupath_memory` (the in-memory test double of the paquo layer).
+"""

@@ -1,0 +1,119 @@
+"""The QuPath connector against real QuPath through paquo.
+
+Runs only where QuPath is installed: set ``PAQUO_QUPATH_DIR`` to a QuPath 0.6
+folder (the one with ``lib/app`` and ``lib/runtime``) and install
+``.[qupath]``.  Everywhere else (CI included) the module is skipped, with the
+reason shown by ``pytest -rs``; the same behaviour is covered without QuPath by
+``test_qupath_run.py`` through the in-memory project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from bridge.cli import main
+from bridge.clicks import simulate_clicks
+from bridge.connectors.qupath_objects import our_detections, parse_marker, point_key
+
+pytestmark = pytest.mark.qupath
+
+if not os.environ.get("PAQUO_QUPATH_DIR"):
+    pytest.skip(
+        "needs QuPath: set PAQUO_QUPATH_DIR to a QuPath 0.6 installation (the folder with lib/app and lib/runtime)",
+        allow_module_level=True,
+    )
+pytest.importorskip("paquo", reason="needs paquo: pip install '.[qupath]'")
+
+CLASSES = ("Tumor", "Immune cells")
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def read_back(project_dir: Path):
+    """(annotations GeoJSON, detections GeoJSON) of the only image, read-only."""
+    from paquo.java import GsonTools
+    from paquo.projects import QuPathProject
+
+    qp = QuPathProject(project_dir, mode="r")
+    (entry,) = qp.images
+    hierarchy = entry.hierarchy
+    annotations = hierarchy.to_geojson()
+    detections = json.loads(str(GsonTools.getInstance().toJson(hierarchy.java_object.getDetectionObjects())))
+    return annotations, detections
+
+
+def test_qupath_project_round_trip(monuseg_pair, tmp_path, capsys):
+    from paquo.classes import QuPathPathClass
+    from paquo.images import QuPathImageType
+    from paquo.projects import QuPathProject
+    from shapely.geometry import MultiPoint, box, shape
+
+    img, lab = monuseg_pair
+    img, lab = np.ascontiguousarray(img[:512, :512]), lab[:512, :512]
+    (tmp_path / "images").mkdir()
+    tif = tmp_path / "images" / "slide.tif"
+    tifffile.imwrite(tif, img, tile=(128, 128), photometric="rgb", compression="zlib")
+    xy, _ = simulate_clicks(lab, jitter=3, seed=0)
+    project_dir = tmp_path / "project"
+
+    with QuPathProject(project_dir, mode="x") as qp:  # saved on exit
+        entry = qp.add_image(tif, image_type=QuPathImageType.BRIGHTFIELD_H_E)
+        for k, cls in enumerate(CLASSES):
+            entry.hierarchy.add_annotation(MultiPoint(xy[k::2].tolist()), path_class=QuPathPathClass(cls))
+        image_name = entry.image_name
+    annotations_before, detections_before = read_back(project_dir)
+    assert len(annotations_before) == 2 and detections_before == []
+
+    # dry run: a plan, nothing written
+    assert main(["qupath", str(project_dir), "--method", "watershed", "--dry-run"]) == 0
+    plan = last_json(capsys)
+    assert plan["dry_run"] and plan["segmented"] == len(xy)
+    assert read_back(project_dir) == (annotations_before, [])
+
+    # first run
+    assert main(["qupath", str(project_dir), "--method", "watershed"]) == 0
+    first = last_json(capsys)
+    annotations, detections = read_back(project_dir)
+    assert annotations == annotations_before  # the points are untouched
+    assert len(detections) == first["detections"] >= 0.9 * len(xy)
+    classes = {point_key(x, y): CLASSES[k % 2] for k, (x, y) in enumerate(xy)}
+    frame = box(0, 0, 512, 512)
+    for d in detections:
+        props = d["properties"]
+        marker = parse_marker(props["name"])
+        assert marker is not None and marker.run_id == first["run_id"]
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] == classes[marker.key]
+        assert props["measurements"]["Area px^2"] > 10
+        geometry = shape(d["geometry"])
+        assert geometry.is_valid and frame.contains(geometry)
+    assert {d["properties"]["classification"]["name"] for d in detections} == set(CLASSES)
+
+    # second run: nothing duplicated
+    assert main(["qupath", str(project_dir), "--method", "watershed"]) == 0
+    second = last_json(capsys)
+    assert second["already_done"] == first["detections"] and second["detections"] == 0
+    annotations, again = read_back(project_dir)
+    assert annotations == annotations_before and len(again) == len(detections)
+
+    # --replace: the same nuclei, from the new run only
+    assert main(["qupath", str(project_dir), "--method", "watershed", "--replace"]) == 0
+    third = last_json(capsys)
+    annotations, replaced = read_back(project_dir)
+    assert annotations == annotations_before and len(replaced) == len(detections)
+    assert {d.marker.run_id for d in our_detections(replaced)} == {third["run_id"]}
+
+    # export, in the format 'segment' writes
+    out = tmp_path / "slide.geojson"
+    assert main(["qupath-export", str(project_dir), "--image", image_name, "--out", str(out)]) == 0
+    exported = json.loads(out.read_text())
+    assert len(exported["features"]) == len(replaced)
+    assert {"objectType", "classification", "measurements", "nuclick"} <= set(exported["features"][0]["properties"])
