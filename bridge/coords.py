@@ -34,12 +34,38 @@ def patch_origin(x: float, y: float, size: int) -> tuple[int, int]:
     return c - size // 2, r - size // 2
 
 
-def to_local(xy: np.ndarray, origin: tuple[float, float], downsample: float = 1.0) -> np.ndarray:
+def to_local(xy: np.ndarray, origin: tuple[float, float], downsample: float | tuple[float, float] = 1.0) -> np.ndarray:
     """Level-0 coordinates -> coordinates in a window at ``origin`` (level 0)
-    sampled at ``downsample``."""
+    sampled at ``downsample`` (one factor, or (x, y) factors for a window
+    resampled to a size that is not an exact multiple)."""
     return (np.asarray(xy, dtype=np.float64) - np.asarray(origin, dtype=np.float64)) / downsample
 
 
-def to_level0(xy: np.ndarray, origin: tuple[float, float], downsample: float = 1.0) -> np.ndarray:
+def to_level0(xy: np.ndarray, origin: tuple[float, float], downsample: float | tuple[float, float] = 1.0) -> np.ndarray:
     """Inverse of :func:`to_local`."""
     return np.asarray(xy, dtype=np.float64) * downsample + np.asarray(origin, dtype=np.float64)
+
+
+def level0_affine(origin: tuple[float, float], downsample: float | tuple[float, float] = 1.0) -> list[float]:
+    """:func:`to_level0` for geometries: the ``shapely.affinity.affine_transform``
+    matrix ``[a, b, d, e, xoff, yoff]`` from window coordinates to level 0."""
+    dx, dy = (downsample, downsample) if np.isscalar(downsample) else downsample
+    return [float(dx), 0.0, 0.0, float(dy), float(origin[0]), float(origin[1])]
+
+
+# OMERO ROI coordinates.  OMERO.iviewer (where annotators click) lays the image
+# over the extent [0, width] x [0, height] and draws a shape's (X, Y) there, so
+# pixel (c, r) spans [c, c+1) x [r, r+1): the same frame as ours, as in QuPath's
+# OMERO extension, which reads shapes without an offset.  Every OMERO coordinate
+# still goes through these two functions, so the convention lives in one place.
+OMERO_PIXEL_OFFSET = 0.0
+
+
+def omero_to_level0(x: float, y: float) -> tuple[float, float]:
+    """An OMERO shape coordinate (full-resolution pixels) -> our continuous level-0 frame."""
+    return float(x) + OMERO_PIXEL_OFFSET, float(y) + OMERO_PIXEL_OFFSET
+
+
+def level0_to_omero(x: float, y: float) -> tuple[float, float]:
+    """Inverse of :func:`omero_to_level0`."""
+    return float(x) - OMERO_PIXEL_OFFSET, float(y) - OMERO_PIXEL_OFFSET

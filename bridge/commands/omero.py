@@ -1,0 +1,161 @@
+"""``nuclick-bridge omero``: Point ROIs in, one polygon ROI per nucleus out.
+
+Imported when the CLI parser is built, so nothing heavy at module level:
+omero-py and the segmenter are imported only in :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+
+from bridge.errors import BridgeInputError
+
+DEFAULT_PASSWORD_ENV = "OMERO_PASSWORD"
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+INSTALL_HINT = "install it with 'make install-omero' (see the README section 'OMERO')"
+
+
+class _RefusePassword(argparse.Action):
+    """``--password`` exists only to refuse it without echoing the value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            "the password is never taken on the command line (it would show in the process list and shell "
+            "history): put it in an environment variable and name that with --password-env"
+        )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # No abbreviations: "--password X" must not silently become "--password-env X".
+    p.allow_abbrev = False
+    g = p.add_argument_group("server and login (the password is never taken on the command line)")
+    g.add_argument("--password", action=_RefusePassword, help=argparse.SUPPRESS)
+    g.add_argument("--host", required=True, help="OMERO server host name")
+    g.add_argument("--port", type=int, default=4064, help="OMERO server port (default: 4064)")
+    g.add_argument("--user", default=None, help="OMERO user name (not needed with a session key)")
+    g.add_argument(
+        "--password-env",
+        default=DEFAULT_PASSWORD_ENV,
+        metavar="VAR",
+        help=f"environment variable that holds the password (default: {DEFAULT_PASSWORD_ENV})",
+    )
+    g.add_argument(
+        "--session-key",
+        default=None,
+        metavar="KEY",
+        help="join an existing session instead of logging in (e.g. from 'omero sessions key'); "
+        "visible to other local users in the process list, so prefer --session-key-env",
+    )
+    g.add_argument(
+        "--session-key-env", default=None, metavar="VAR", help="environment variable that holds a session key"
+    )
+
+    which = p.add_argument_group("images").add_mutually_exclusive_group(required=True)
+    which.add_argument("--image", type=int, nargs="+", action="extend", metavar="ID", help="image id(s)")
+    which.add_argument("--dataset", type=int, metavar="ID", help="every image of this dataset")
+    which.add_argument("--project", type=int, metavar="ID", help="every image of every dataset of this project")
+
+    run = p.add_argument_group("what to do")
+    run.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete the polygon ROIs nuclick-bridge wrote earlier and segment every point again "
+        "(default: skip points that already have one)",
+    )
+    run.add_argument("--dry-run", action="store_true", help="print what would be done; write nothing")
+    run.add_argument(
+        "--max-tile", type=int, default=2048, metavar="PX", help="largest pixel window read at once (default: 2048)"
+    )
+
+    eng = p.add_argument_group("segmentation")
+    eng.add_argument(
+        "--server",
+        default=None,
+        metavar="HOST:PORT",
+        help="segment on a running 'nuclick-bridge serve' instead of in this process",
+    )
+    eng.add_argument(
+        "--method",
+        default="nuclick",
+        choices=("nuclick", "watershed"),
+        help="nuclick (the trained network, default) or watershed (the paper's baseline, no weights needed)",
+    )
+    eng.add_argument("--weights", default=None, metavar="FILE", help="NuClick weights file (default: shipped)")
+    eng.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+    eng.add_argument("--batch-size", type=int, default=32, metavar="N", help="patches per network batch")
+    eng.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
+    eng.add_argument("--tolerance", type=float, default=0.5, help="polygon simplification in px (default: 0.5)")
+
+
+def _secret(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(password, session key) from the environment or --session-key; never printed."""
+    key = args.session_key
+    if args.session_key_env:
+        key = os.environ.get(args.session_key_env) or None
+        if key is None:
+            var = args.session_key_env if _ENV_NAME.fullmatch(args.session_key_env) else "named by --session-key-env"
+            raise BridgeInputError(f"the environment variable {var} is not set")
+    if key:
+        return None, key
+    if not args.user:
+        raise BridgeInputError("give --user (with the password in an environment variable) or a session key")
+    password = os.environ.get(args.password_env)
+    if password is None:
+        # Name the variable only if it looks like one: never echo a password passed by mistake.
+        var = args.password_env if _ENV_NAME.fullmatch(args.password_env) else "named by --password-env"
+        raise BridgeInputError(
+            f"no password: set the environment variable {var} "
+            "(or name another with --password-env), or use a session key"
+        )
+    return password, None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_tile < 256:
+        raise BridgeInputError("--max-tile must be at least 256")
+    password, session_key = _secret(args)
+    try:
+        from bridge.connectors import omero_gateway
+    except ImportError as exc:
+        raise BridgeInputError(f"the omero command needs omero-py ({exc}); {INSTALL_HINT}") from exc
+
+    def login():
+        return omero_gateway.connect(
+            args.host, args.user, password, port=args.port, session_key=session_key, secure=True
+        )
+
+    conn = login()
+    segmenter = None
+    try:
+        ids = omero_gateway.image_ids(conn, args.image or (), args.dataset, args.project)
+        if not ids:
+            raise BridgeInputError("no images to process (the dataset or project is empty)")
+        if not args.dry_run:
+            from bridge.commands.common import make_segmenter
+
+            segmenter = make_segmenter(args)
+        job = omero_gateway.OmeroRun(
+            conn,
+            segmenter,
+            replace=args.replace,
+            dry_run=args.dry_run,
+            progress=sys.stderr.isatty(),
+            max_tile=args.max_tile,
+            reconnect=login,
+        )
+        summary = job.run(ids)
+        conn = job.conn
+    finally:
+        with contextlib.suppress(Exception):  # a dead connection must not mask the run's outcome
+            conn.close()
+        if hasattr(segmenter, "close"):  # e.g. the gRPC client of --server
+            segmenter.close()
+    print(f"nuclick-bridge omero: {summary.line()}", file=sys.stderr)
+    print(json.dumps(summary.as_dict()))
+    # Like the qupath command: non-zero only when nothing could be done (every image failed).
+    return 2 if summary.images_failed and not summary.images_ok else 0
