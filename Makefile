@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 DATA ?= ../shared/data
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean proto
 
 install: $(VENV)/.installed
 
@@ -29,11 +29,36 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint install-omero java-test
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/nuclei_per_second.py --data $(DATA)
 
+# Regenerate bridge/service/gen from proto/ (grpcio-tools, installed with the test extras);
+# a test checks that the committed files are what this gives.
+proto: install
+	$(BIN)/python -m bridge.service.protogen
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# The OMERO connector (nuclick-bridge omero) needs omero-py, which needs zeroc-ice 3.6.5:
+# PyPI has only its source, which needs two fixes to build on Python 3.11.
+# scripts/build_zeroc_ice.py builds the wheel once (about 5 minutes on 2 cores), caches it in
+# $(WHEELS), then installs ".[omero]" taking zeroc-ice from there (seconds on later runs).
+WHEELS ?= .cache/wheels
+.PHONY: install-omero
+
+install-omero: $(VENV)/.installed-omero
+
+$(VENV)/.installed-omero: $(VENV)/.installed scripts/build_zeroc_ice.py
+	nice -n 10 $(BIN)/python scripts/build_zeroc_ice.py --wheel-dir $(WHEELS) --install
+	touch $@
+
+# The QuPath extension's plain-Java core (qupath_extension/): compiled with the machine's javac
+# (--release 17) against Debian's gson and JUnit 5 jars, then its unit tests; no Gradle, QuPath or
+# Maven needed.  Its end-to-end test against a real server runs in pytest (tests/test_qupath_extension.py).
+.PHONY: java-test
+java-test:
+	bash qupath_extension/javatest.sh test --details=summary --disable-ansi-colors

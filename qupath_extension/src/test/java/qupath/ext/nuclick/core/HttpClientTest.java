@@ -1,0 +1,183 @@
+package qupath.ext.nuclick.core;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertNull;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import java.net.ServerSocket;
+import java.util.concurrent.atomic.AtomicBoolean;
+import org.junit.jupiter.api.Test;
+
+/** The HTTP client against scripted servers on 127.0.0.1: what each kind of failure tells the user. */
+class HttpClientTest {
+
+    private static final String MODEL = FakeServer.modelJson(0.25, 4096, 1000, false);
+
+    @Test
+    void modelInfoWithAndWithoutToken() throws Exception {
+        try (var server = new FakeServer(r -> new FakeServer.Reply(200, MODEL))) {
+            assertEquals("fake", new NuClickHttpClient(server.settings("")).modelInfo(null).name());
+            assertNull(server.requests.get(0).authorization());
+            assertEquals("GET", server.requests.get(0).method());
+            assertEquals("/v1/model", server.requests.get(0).path());
+            new NuClickHttpClient(server.settings("tok-1")).modelInfo(null);
+            assertEquals("Bearer tok-1", server.requests.get(1).authorization());
+        }
+    }
+
+    @Test
+    void segmentPostsJson() throws Exception {
+        try (var server = new FakeServer(r -> new FakeServer.Reply(200, ProtocolTest.REPLY))) {
+            var reply = new NuClickHttpClient(server.settings("")).segment("{\"clicks\": []}", null);
+            assertEquals(2, reply.results().size());
+            var req = server.requests.get(0);
+            assertEquals("POST", req.method());
+            assertEquals("/v1/segment", req.path());
+            assertEquals("application/json", req.contentType());
+            assertEquals("{\"clicks\": []}", req.body());
+        }
+    }
+
+    @Test
+    void aBaseUrlWithAPathKeepsIt() throws Exception {
+        try (var server = new FakeServer(r -> new FakeServer.Reply(200, MODEL))) {
+            var s = new NuClickSettings(server.url() + "/nuclick/", "", NuClickSettings.Output.DETECTIONS, false, 10, 5);
+            new NuClickHttpClient(s).modelInfo(null);
+            assertEquals("/nuclick/v1/model", server.requests.get(0).path());
+        }
+    }
+
+    @Test
+    void wrongOrMissingTokenSaysSoAndWhereToSetIt() throws Exception {
+        try (var server = new FakeServer(r -> r.authorization() == null
+                ? new FakeServer.Reply(401, "{\"code\": \"UNAUTHENTICATED\", \"message\": \"missing bearer token: send the header 'authorization: Bearer <token>'\"}")
+                : new FakeServer.Reply(401, "{\"code\": \"UNAUTHENTICATED\", \"message\": \"wrong bearer token\"}"))) {
+            NuClickException wrong = assertThrows(NuClickException.class,
+                    () -> new NuClickHttpClient(server.settings("nope")).modelInfo(null));
+            assertEquals(NuClickException.Kind.AUTH, wrong.kind());
+            assertEquals(401, wrong.httpStatus());
+            assertTrue(wrong.getMessage().contains("refused the token (wrong bearer token)"), wrong.getMessage());
+            assertTrue(wrong.getMessage().contains("Extensions > NuClick > Settings"), wrong.getMessage());
+            NuClickException missing = assertThrows(NuClickException.class,
+                    () -> new NuClickHttpClient(server.settings("")).modelInfo(null));
+            assertTrue(missing.getMessage().contains("needs a token (missing bearer token"), missing.getMessage());
+        }
+    }
+
+    @Test
+    void serverErrorsCarryTheirCodeAndMessage() throws Exception {
+        try (var server = new FakeServer(r -> new FakeServer.Reply(400,
+                "{\"code\": \"INVALID_ARGUMENT\", \"message\": \"click '0' at (5, 5) is outside the tile\"}"))) {
+            NuClickException e = assertThrows(NuClickException.class,
+                    () -> new NuClickHttpClient(server.settings("")).segment("{}", null));
+            assertEquals(NuClickException.Kind.SERVER, e.kind());
+            assertEquals("INVALID_ARGUMENT", e.code());
+            assertEquals(400, e.httpStatus());
+            assertTrue(e.getMessage().contains("INVALID_ARGUMENT: click '0' at (5, 5) is outside the tile (HTTP 400)"),
+                    e.getMessage());
+        }
+        try (var server = new FakeServer(r -> new FakeServer.Reply(413,
+                "{\"code\": \"RESOURCE_EXHAUSTED\", \"message\": \"request body of 99 bytes is over the limit\"}"))) {
+            NuClickException e = assertThrows(NuClickException.class,
+                    () -> new NuClickHttpClient(server.settings("")).segment("{}", null));
+            assertTrue(e.getMessage().contains("--max-message-mb"), e.getMessage());
+        }
+    }
+
+    @Test
+    void aServerThatIsNotNuclickBridgeIsNamedAsSuch() throws Exception {
+        try (var server = new FakeServer(r -> new FakeServer.Reply(404, "<html><h1>Not Found</h1></html>"))) {
+            NuClickException e = assertThrows(NuClickException.class,
+                    () -> new NuClickHttpClient(server.settings("")).modelInfo(null));
+            assertEquals(NuClickException.Kind.SERVER, e.kind());
+            assertTrue(e.getMessage().contains("HTTP 404 and a body that is not a nuclick-bridge error: '<html><h1>Not Found</h1></html>'"),
+                    e.getMessage());
+            assertTrue(e.getMessage().contains("Is " + server.url() + " the address of a nuclick-bridge server"),
+                    e.getMessage());
+        }
+        try (var server = new FakeServer(r -> new FakeServer.Reply(200, "<html>hello</html>"))) {
+            NuClickException e = assertThrows(NuClickException.class,
+                    () -> new NuClickHttpClient(server.settings("")).modelInfo(null));
+            assertEquals(NuClickException.Kind.PROTOCOL, e.kind());
+            assertTrue(e.getMessage().contains("not valid JSON"), e.getMessage());
+        }
+    }
+
+    @Test
+    void anUnreachableServerIsAClearError() throws Exception {
+        int port;
+        try (var socket = new ServerSocket(0)) {
+            port = socket.getLocalPort(); // free once closed: nothing listens there
+        }
+        var s = new NuClickSettings("http://127.0.0.1:" + port, "", NuClickSettings.Output.DETECTIONS, false, 10, 5);
+        NuClickException e = assertThrows(NuClickException.class, () -> new NuClickHttpClient(s).modelInfo(null));
+        assertEquals(NuClickException.Kind.UNREACHABLE, e.kind());
+        assertTrue(e.getMessage().contains("Cannot reach the NuClick server at http://127.0.0.1:" + port
+                + " (connection refused). Is 'nuclick-bridge serve' running there"), e.getMessage());
+    }
+
+    @Test
+    void anUnknownHostIsNamed() throws Exception {
+        var s = new NuClickSettings("http://no-such-host.invalid:8080", "", NuClickSettings.Output.DETECTIONS, false, 10, 5);
+        NuClickException e = assertThrows(NuClickException.class, () -> new NuClickHttpClient(s).modelInfo(null));
+        assertEquals(NuClickException.Kind.UNREACHABLE, e.kind());
+        assertTrue(e.getMessage().contains("unknown host 'no-such-host.invalid'"), e.getMessage());
+    }
+
+    @Test
+    void theGrpcPortGetsAHint() throws Exception {
+        // A port that answers HTTP/1.1 with HTTP/2 frames and hangs up, like a gRPC port.
+        try (var socket = new ServerSocket(0)) {
+            Thread t = new Thread(() -> {
+                while (!socket.isClosed()) {
+                    try (var c = socket.accept()) {
+                        c.getInputStream().read(new byte[64]);
+                        c.getOutputStream().write(new byte[] {0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 8, 7, 0, 0, 0, 0, 0});
+                    } catch (Exception ignored) {
+                        // closed
+                    }
+                }
+            });
+            t.setDaemon(true);
+            t.start();
+            var s = new NuClickSettings("http://127.0.0.1:" + socket.getLocalPort(), "",
+                    NuClickSettings.Output.DETECTIONS, false, 10, 5);
+            NuClickException e = assertThrows(NuClickException.class, () -> new NuClickHttpClient(s).modelInfo(null));
+            assertEquals(NuClickException.Kind.UNREACHABLE, e.kind());
+            assertTrue(e.getMessage().contains("failed ("), e.getMessage());
+            assertTrue(e.getMessage().contains("Is the URL that of nuclick-bridge's HTTP port?"), e.getMessage());
+        }
+        var grpc = new NuClickSettings("http://127.0.0.1:50051", "", NuClickSettings.Output.DETECTIONS, false, 10, 5);
+        NuClickException e = assertThrows(NuClickException.class, () -> new NuClickHttpClient(grpc).modelInfo(null));
+        assertTrue(e.getMessage().contains("Port 50051 is the server's gRPC port"), e.getMessage());
+    }
+
+    @Test
+    void aSlowServerTimesOutAndACallCanBeCancelled() throws Exception {
+        try (var server = new FakeServer(r -> {
+            Thread.sleep(3000);
+            return new FakeServer.Reply(200, MODEL);
+        })) {
+            var s = new NuClickSettings(server.url(), "", NuClickSettings.Output.DETECTIONS, false, 10, 1);
+            NuClickException e = assertThrows(NuClickException.class, () -> new NuClickHttpClient(s).modelInfo(null));
+            assertEquals(NuClickException.Kind.TIMEOUT, e.kind());
+            assertTrue(e.getMessage().contains("did not answer within 1 s"), e.getMessage());
+
+            var cancel = new AtomicBoolean(false);
+            var client = new NuClickHttpClient(server.settings(""));
+            new Thread(() -> {
+                try {
+                    Thread.sleep(200);
+                } catch (InterruptedException ignored) {
+                    // no-op
+                }
+                cancel.set(true);
+            }).start();
+            long t0 = System.nanoTime();
+            NuClickException c = assertThrows(NuClickException.class, () -> client.modelInfo(cancel::get));
+            assertEquals(NuClickException.Kind.CANCELLED, c.kind());
+            assertTrue((System.nanoTime() - t0) / 1e9 < 2.0, "cancel took too long");
+        }
+    }
+}

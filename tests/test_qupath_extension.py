@@ -1,0 +1,129 @@
+"""The QuPath extension's plain-Java core against a real server: Java sends real
+tiles of a MoNuSeg image over HTTP/JSON to a real ``nuclick-bridge`` server on
+127.0.0.1 (a real engine running a real network with known behaviour) and checks
+the polygons it gets back against the in-process engine's whole-image answer,
+tile plan for tile plan.
+
+The Java side is compiled with the machine's javac (``--release 17``) against
+Debian's gson and JUnit 5 jars by ``qupath_extension/javatest.sh`` (build cached
+under the git-ignored ``qupath_extension/build/``), and run with JUnit's console
+launcher, selecting ``EndToEndTest``.  The test skips only when javac, java or
+those jars are missing (CI installs them: ``.ci/run``).  The core's unit tests
+run with ``make java-test``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bridge.clicks import simulate_clicks
+from bridge.client import plan_tiles
+from bridge.imageio import ArrayReader
+from bridge.results import Click
+from bridge.service.server import NuClickServer
+from bridge.service.testing import TextureModel, engine_for
+
+ROOT = Path(__file__).resolve().parents[1]
+JAVATEST = ROOT / "qupath_extension" / "javatest.sh"
+GSON_JAR = Path(os.environ.get("GSON_JAR", "/usr/share/java/gson.jar"))
+JUNIT_JAR = Path(os.environ.get("JUNIT_JAR", "/usr/share/java/junit-platform-console-standalone.jar"))
+TOKEN = "e2e-token-4711"
+MAX_TILE = 512
+SIZE = 420
+
+
+def _missing_java() -> list[str]:
+    missing = [tool for tool in ("javac", "java") if shutil.which(tool) is None]
+    missing += [str(jar) for jar in (GSON_JAR, JUNIT_JAR) if not jar.is_file()]
+    return missing
+
+
+@pytest.fixture(scope="module")
+def java_build() -> Path:
+    missing = _missing_java()
+    if missing:
+        pytest.skip(
+            f"no Java toolchain for the QuPath extension's core: missing {', '.join(missing)} "
+            "(apt-get install default-jdk-headless libgoogle-gson-java junit5; CI installs them)"
+        )
+    out = subprocess.run(["bash", str(JAVATEST), "build"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"javac failed:\n{out.stdout}\n{out.stderr}"
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = NuClickServer(engine_for(TextureModel(), "texture"), port=0, http_port=0, token=TOKEN).start()
+    yield srv
+    srv.stop(grace=1)
+
+
+def _ring(ring) -> list[list[float]]:
+    return [list(xy) for xy in ring.coords[:-1]]  # the wire's rings do not repeat the first point
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory, monuseg_pair) -> tuple[Path, Path]:
+    """A real 420x420 crop as PNG, one click per nucleus (plus one off the image
+    and one in the far corner), Python's tile plan and the whole-image answer."""
+    img, lab = monuseg_pair
+    img, lab = np.ascontiguousarray(img[:SIZE, :SIZE]), lab[:SIZE, :SIZE]
+    xy, _ = simulate_clicks(lab, jitter=3, seed=1)
+    clicks = [Click(float(x), float(y), str(k), "Tumor" if k % 3 == 0 else None) for k, (x, y) in enumerate(xy)]
+    clicks += [Click(-4.0, 30.0, str(len(clicks))), Click(415.0, 419.9, str(len(clicks) + 1), "Stroma")]
+    expected = engine_for(TextureModel()).segment(ArrayReader(img), clicks).results
+    plans = plan_tiles(clicks, SIZE, SIZE, 128, 2.0, MAX_TILE, 1000)
+    tmp = tmp_path_factory.mktemp("qupath_ext")
+    png = tmp / "crop.png"
+    Image.fromarray(img).save(png)
+    doc = {
+        "maxTile": MAX_TILE,
+        "clicks": [[c.x, c.y, c.class_name] for c in clicks],
+        "plans": [
+            {"x": p.x0, "y": p.y0, "width": p.width, "height": p.height, "members": p.members, "context": p.context}
+            for p in plans
+        ],
+        "expected": [
+            {
+                "found": r.found,
+                "reason": r.reason,
+                "exterior": _ring(r.polygon.exterior) if r.found else [],
+                "holes": [_ring(h) for h in r.polygon.interiors] if r.found else [],
+                "score": float(r.score) if r.found else 0.0,
+            }
+            for r in expected
+        ],
+    }
+    path = tmp / "case.json"
+    path.write_text(json.dumps(doc))
+    assert sum(r.found for r in expected) > 50 and len(plans) >= 4
+    return png, path
+
+
+def test_java_core_segments_real_tiles_on_a_real_server(java_build, server, case):
+    png, case_file = case
+    env = dict(
+        os.environ,
+        NUCLICK_E2E_URL=f"http://127.0.0.1:{server.http_port}",
+        NUCLICK_E2E_TOKEN=TOKEN,
+        NUCLICK_E2E_IMAGE=str(png),
+        NUCLICK_E2E_CASE=str(case_file),
+    )
+    cmd = ["bash", str(JAVATEST), "test", "--select-class", "qupath.ext.nuclick.core.EndToEndTest", "--details=tree"]
+    cmd += ["--disable-ansi-colors"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report
+    tally = re.findall(r"\[\s*(\d+) tests (found|skipped|successful|failed|aborted)\s*\]", report)
+    counts = {k: int(v) for v, k in tally}
+    assert counts.get("skipped") == 0 and counts.get("aborted") == 0, report  # the server was really used
+    assert counts.get("failed") == 0 and counts.get("successful") == counts.get("found") >= 7, report
