@@ -59,6 +59,9 @@ $(VENV)/.installed-omero: $(VENV)/.installed scripts/build_zeroc_ice.py
 # The QuPath extension's plain-Java core (qupath_extension/): compiled with the machine's javac
 # (--release 17) against Debian's gson and JUnit 5 jars, then its unit tests; no Gradle, QuPath or
 # Maven needed.  Its end-to-end test against a real server runs in pytest (tests/test_qupath_extension.py).
-.PHONY: java-test
-java-test:
+.PHONY: java-test java-deps
+java-deps:
+	bash scripts/install_java_deps.sh
+
+java-test: java-deps
 	bash qupath_extension/javatest.sh test --details=summary --disable-ansi-colors
