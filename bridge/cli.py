@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT.geojson", help="output GeoJSON file")
     p.add_argument("--tolerance", type=float, default=0.5, help="polygon simplification in px (default: 0.5)")
     _add_engine(p)
+    p.add_argument(
+        "--server",
+        default=None,
+        metavar="HOST:PORT",
+        help="segment on a running 'nuclick-bridge serve' instead of in this process (same output); "
+        "token and TLS from NUCLICK_BRIDGE_TOKEN / NUCLICK_BRIDGE_CA",
+    )
     p.set_defaults(handler="bridge.commands.segment:run")
 
     p = sub.add_parser(
@@ -170,31 +177,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
     p.set_defaults(handler="bridge.commands.train:run")
-    p = sub.add_parser("serve", help="run the NuClick gRPC + HTTP/JSON server",
-                       description="Serve the model over gRPC (and HTTP/JSON for clients that cannot link "
-                                   "gRPC, such as QuPath scripts). Binds to 127.0.0.1 unless told otherwise.",
-                       epilog="example: nuclick-bridge serve --host 0.0.0.0 --token-file token.txt "
-                              "--tls-cert server.crt --tls-key server.key")
+    p = sub.add_parser(
+        "serve",
+        help="run the NuClick gRPC + HTTP/JSON server",
+        description="Serve the model over gRPC (and HTTP/JSON for clients that cannot link "
+        "gRPC, such as QuPath scripts). Binds to 127.0.0.1 unless told otherwise.",
+        epilog="example: nuclick-bridge serve --host 0.0.0.0 --token-file token.txt "
+        "--tls-cert server.crt --tls-key server.key",
+    )
     p.set_defaults(handler="bridge.commands.serve:run", add_arguments="bridge.commands.serve:add_arguments")
 
-    p = sub.add_parser("qupath", help="segment the point annotations of a QuPath project (paquo)",
-                       description="For each image of a QuPath project, turn every point of every point "
-                                   "annotation into a nucleus detection in the point's class. Never modifies "
-                                   "or deletes your annotations.",
-                       epilog="example: nuclick-bridge qupath ~/projects/lung/project.qpproj --dry-run")
+    p = sub.add_parser(
+        "qupath",
+        help="segment the point annotations of a QuPath project (paquo)",
+        description="For each image of a QuPath project, turn every point of every point "
+        "annotation into a nucleus detection in the point's class. Never modifies "
+        "or deletes your annotations.",
+        epilog="example: nuclick-bridge qupath ~/projects/lung/project.qpproj --dry-run",
+    )
     p.set_defaults(handler="bridge.commands.qupath:run", add_arguments="bridge.commands.qupath:add_arguments")
 
-    p = sub.add_parser("qupath-export", help="write our detections of one project image as QuPath GeoJSON",
-                       description="Export the nuclei that nuclick-bridge wrote into a QuPath project image "
-                                   "as a GeoJSON file (the same format 'segment' writes).")
-    p.set_defaults(handler="bridge.commands.qupath:export",
-                   add_arguments="bridge.commands.qupath:add_export_arguments")
+    p = sub.add_parser(
+        "qupath-export",
+        help="write our detections of one project image as QuPath GeoJSON",
+        description="Export the nuclei that nuclick-bridge wrote into a QuPath project image "
+        "as a GeoJSON file (the same format 'segment' writes).",
+    )
+    p.set_defaults(handler="bridge.commands.qupath:export", add_arguments="bridge.commands.qupath:add_export_arguments")
 
-    p = sub.add_parser("omero", help="segment the point ROIs of OMERO images (omero-py)",
-                       description="For each OMERO image, turn every Point ROI into a polygon ROI in the "
-                                   "point's class. Never touches your ROIs.",
-                       epilog="example: OMERO_PASSWORD=... nuclick-bridge omero --host omero.lab.org "
-                              "--user alice --password-env OMERO_PASSWORD --dataset 51 --dry-run")
+    p = sub.add_parser(
+        "omero",
+        help="segment the point ROIs of OMERO images (omero-py)",
+        description="For each OMERO image, turn every Point ROI into a polygon ROI in the "
+        "point's class. Never touches your ROIs.",
+        epilog="example: OMERO_PASSWORD=... nuclick-bridge omero --host omero.lab.org "
+        "--user alice --password-env OMERO_PASSWORD --dataset 51 --dry-run",
+    )
     p.set_defaults(handler="bridge.commands.omero:run", add_arguments="bridge.commands.omero:add_arguments")
     for name in ("serve", "qupath", "qupath-export", "omero"):
         _attach_arguments(sub.choices[name])

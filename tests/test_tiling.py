@@ -49,8 +49,9 @@ def test_plan_covers_every_click_once_with_its_patch_and_neighbours(clicks_and_i
             ox, oy = patch_origin(*xy[k], 128)
             assert max(ox, 0) >= t.x0 and max(oy, 0) >= t.y0
             assert min(ox + 128, w) <= t.x0 + t.width and min(oy + 128, h) <= t.y0 + t.height
-        near = {j for k in t.members for j in range(len(clicks))
-                if np.max(np.abs(xy[j] - xy[k])) <= reach} - set(t.members)
+        near = {j for k in t.members for j in range(len(clicks)) if np.max(np.abs(xy[j] - xy[k])) <= reach} - set(
+            t.members
+        )
         assert near <= set(t.context)
 
 

@@ -13,6 +13,10 @@ def make_segmenter(args: argparse.Namespace):
     Both offer ``segment(reader, clicks, progress=False) -> Segmentation``.
     """
     tolerance = getattr(args, "tolerance", 0.5)
+    if getattr(args, "server", None):
+        from bridge.client import RemoteSegmenter
+
+        return RemoteSegmenter.from_args(args)
     if args.method == "watershed":
         from bridge.watershed import WatershedSegmenter
 

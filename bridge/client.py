@@ -1,0 +1,578 @@
+"""Python client for ``nuclick-bridge serve`` (gRPC).  No torch needed.
+
+The small API::
+
+    from bridge.client import NuClickClient, segment
+    from bridge.results import Click
+
+    results = segment(tile, [Click(120.5, 80.5, "a")], server="gpu-box:50051")  # one call
+
+    with NuClickClient("gpu-box:50051", token="...") as client:
+        client.info()                                    # model, device, limits
+        client.segment(tile, clicks, origin=(x0, y0))    # one tile -> list[NucleusResult]
+        client.segment_tiled(reader, clicks)             # a whole (slide) image -> Segmentation
+
+``tile`` is an (H, W, 3) uint8 RGB array whose top-left corner is at level-0
+``origin``, sampled at ``downsample``; clicks and the returned polygons are in
+level-0 coordinates (see :mod:`bridge.coords`).  Results come back as
+:class:`bridge.results.NucleusResult`, one per click, in click order, exactly
+as from the in-process engine.
+
+Every call has a deadline (``timeout``) and is retried with exponential
+backoff while the server is UNAVAILABLE (restarting, briefly unreachable).
+Errors the server reports (a bad tile, a wrong token, a limit) raise
+:class:`ServerError`, a :class:`bridge.errors.BridgeInputError` whose message
+names the server, the status and the reason.
+
+Connectors take the segmenter from :class:`RemoteSegmenter`: the same
+``segment`` / ``segment_tiled`` interface as ``bridge.engine.NuClickEngine``.
+Token and TLS come from arguments or the environment (``NUCLICK_BRIDGE_TOKEN``,
+``NUCLICK_BRIDGE_CA`` = path of a PEM CA bundle, which turns TLS on).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from scipy.spatial import cKDTree
+
+from bridge.coords import patch_origin
+from bridge.errors import BridgeInputError
+from bridge.imageio import RegionReader
+from bridge.results import Click, NucleusResult
+from bridge.service.convert import click_to_pb, result_from_pb, tile_to_pb
+from bridge.service.gen import nuclick_pb2 as pb
+from bridge.service.gen import nuclick_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+ENV_TOKEN = "NUCLICK_BRIDGE_TOKEN"
+ENV_CA = "NUCLICK_BRIDGE_CA"
+DEFAULT_MAX_TILE = 2048
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "NuClickClient",
+    "RemoteSegmenter",
+    "ServerError",
+    "ServerInfo",
+    "TileJob",
+    "plan_tiles",
+    "segment",
+]
+
+
+class ServerError(BridgeInputError):
+    """The server refused a call or could not be reached; ``code`` is the
+    gRPC status name (e.g. ``"INVALID_ARGUMENT"``, ``"UNAVAILABLE"``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What ``GetModelInfo`` says: the model, where it runs, the limits."""
+
+    model_name: str
+    model_version: str
+    sha256: str
+    patch_size: int
+    sigma: float
+    threshold: float
+    pixel_size_um: float
+    device: str
+    device_name: str
+    server_version: str
+    limits: dict[str, Any]
+
+
+@dataclass
+class TileJob:
+    """One tile for :meth:`NuClickClient.segment_many`.
+
+    ``image`` may be a callable returning the array, so that pixels are read
+    only when the tile is sent.  ``context`` clicks guide and bound the
+    nuclei of ``clicks`` (see ``Click.context_only`` in the proto) and get no
+    result; their ids must not collide with those of ``clicks``.
+    """
+
+    image: np.ndarray | Callable[[], np.ndarray]
+    clicks: Sequence[Click]
+    origin: tuple[float, float] = (0.0, 0.0)
+    downsample: float = 1.0
+    pixel_size_um: float | None = None
+    context: Sequence[Click] = ()
+    order: Sequence[int] | None = None  # optional send order over clicks + context (tie-breaks)
+    request_id: str = ""
+
+
+def _rpc_error(target: str, err: grpc.RpcError) -> ServerError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    name = code.name if code is not None else "UNKNOWN"
+    detail = (err.details() if hasattr(err, "details") else "") or str(err)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServerError(name, f"cannot reach the NuClick server at {target} ({detail})")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ServerError(name, f"the NuClick server at {target} did not answer in time ({detail})")
+    return ServerError(name, f"NuClick server {target}: {name}: {detail}")
+
+
+def _read_bytes(value: bytes | str | Path | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    p = Path(value)
+    if not p.is_file():
+        raise BridgeInputError(f"CA certificate file not found: {p}")
+    return p.read_bytes()
+
+
+class NuClickClient:
+    """A connection to one server.  Thread-safe; reuse it for many calls.
+
+    ``tls=True`` (or ``root_certificates``, a PEM path or bytes) uses TLS;
+    ``token`` adds ``authorization: Bearer <token>`` to every call.
+    ``timeout`` is the default deadline of a call in seconds; ``retries``
+    how many times a call is retried while the server is UNAVAILABLE.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | Path | None = None,
+        timeout: float = 120.0,
+        retries: int = 6,
+        backoff: float = 0.1,
+        max_backoff: float = 2.0,
+        max_message_bytes: int = 256 << 20,
+        encoding: str = "raw",
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retries = max(0, retries)
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.encoding = encoding
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Reconnect quickly after a server restart.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        roots = _read_bytes(root_certificates)
+        if tls or roots is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.NuClickStub(self._channel)
+        self._info: ServerInfo | None = None
+        self.retry_count = 0  # calls retried because the server was UNAVAILABLE, over this client's life
+
+    @classmethod
+    def from_env(cls, target: str = DEFAULT_TARGET, **kwargs) -> NuClickClient:
+        """Token from ``NUCLICK_BRIDGE_TOKEN``, TLS with the CA bundle at
+        ``NUCLICK_BRIDGE_CA``, unless given as arguments."""
+        kwargs.setdefault("token", os.environ.get(ENV_TOKEN) or None)
+        ca = os.environ.get(ENV_CA)
+        if ca and "root_certificates" not in kwargs:
+            kwargs["root_certificates"] = ca
+        return cls(target, **kwargs)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> NuClickClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ calling
+
+    def _call(self, method, request, timeout: float | None):
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return method(request, timeout=max(remaining, 0.001), metadata=self._metadata)
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else None
+                remaining = deadline - time.monotonic()
+                if code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries or remaining <= 0:
+                    raise _rpc_error(self.target, err) from None
+                time.sleep(min(self.backoff * 2**attempt, self.max_backoff, remaining))
+                attempt += 1
+                self.retry_count += 1
+
+    def info(self, timeout: float | None = None, refresh: bool = False) -> ServerInfo:
+        """The server's model, device and limits (cached after the first call)."""
+        if self._info is None or refresh:
+            r = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+            lim = r.limits
+            self._info = ServerInfo(
+                model_name=r.model.name,
+                model_version=r.model.version,
+                sha256=r.model.sha256,
+                patch_size=r.model.patch_size,
+                sigma=r.model.sigma,
+                threshold=r.model.threshold,
+                pixel_size_um=r.model.pixel_size_um,
+                device=r.device,
+                device_name=r.device_name,
+                server_version=r.server_version,
+                limits={f.name: getattr(lim, f.name) for f in lim.DESCRIPTOR.fields},
+            )
+        return self._info
+
+    # ------------------------------------------------------------ segment
+
+    def segment(
+        self,
+        image: np.ndarray,
+        clicks: Sequence[Click],
+        *,
+        origin: tuple[float, float] = (0.0, 0.0),
+        downsample: float = 1.0,
+        pixel_size_um: float | None = None,
+        context: Sequence[Click] = (),
+        simplify_tolerance: float | None = None,
+        encoding: str | None = None,
+        timeout: float | None = None,
+        request_id: str = "",
+    ) -> list[NucleusResult]:
+        """One tile: one result per click, in click order (polygons in level 0)."""
+        job = TileJob(image, clicks, origin, downsample, pixel_size_um, context, None, request_id)
+        req = self._request(job, encoding, simplify_tolerance)
+        resp = self._call(self._stub.Segment, req, timeout)
+        return self._results(resp, job)
+
+    def segment_many(
+        self,
+        jobs: Iterable[TileJob],
+        *,
+        simplify_tolerance: float | None = None,
+        encoding: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[list[NucleusResult]]:
+        """Many tiles over one ``SegmentStream``: results per job, in order,
+        while the next tiles are being sent.  If the server becomes
+        UNAVAILABLE mid-stream, the unanswered tiles are sent again on a new
+        stream (up to ``retries`` times).  ``timeout``: deadline of the whole
+        stream (default: none)."""
+        jobs = list(jobs)
+        done = 0
+        attempt = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failed: list[BaseException] = []  # an error while preparing a tile (reading pixels), raised here
+        while done < len(jobs):
+            pending = jobs[done:]
+
+            def requests(pending=pending, first=done):
+                try:
+                    for k, job in enumerate(pending):
+                        if not job.request_id:
+                            job.request_id = str(first + k)
+                        yield self._request(job, encoding, simplify_tolerance)
+                except Exception as exc:  # grpc would only say CANCELLED; keep the real reason
+                    failed.append(exc)
+
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            call = self._stub.SegmentStream(requests(), timeout=remaining, metadata=self._metadata)
+            try:
+                for resp in call:
+                    job = jobs[done]
+                    if resp.HasField("error"):
+                        raise ServerError(
+                            resp.error.code, f"NuClick server {self.target}: {resp.error.code}: {resp.error.message}"
+                        )
+                    if resp.request_id != job.request_id:
+                        raise ServerError(
+                            "INTERNAL", f"server answered request {resp.request_id!r}, expected {job.request_id!r}"
+                        )
+                    results = self._results(resp, job)
+                    done += 1
+                    attempt = 0
+                    yield results
+                if failed:
+                    raise failed[0]
+                if done < len(jobs):
+                    raise ServerError("INTERNAL", f"the stream ended after {done} of {len(jobs)} tiles")
+            except grpc.RpcError as err:
+                if failed:
+                    raise failed[0] from None
+                code = err.code() if hasattr(err, "code") else None
+                late = deadline is not None and time.monotonic() >= deadline
+                if code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries or late:
+                    raise _rpc_error(self.target, err) from None
+                time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
+                attempt += 1
+                self.retry_count += 1
+            finally:
+                call.cancel()
+
+    def _request(self, job: TileJob, encoding: str | None, tolerance: float | None) -> pb.SegmentRequest:
+        image = job.image() if callable(job.image) else job.image
+        req = pb.SegmentRequest(
+            tile=tile_to_pb(image, job.origin, job.downsample, job.pixel_size_um, encoding or self.encoding),
+            request_id=job.request_id,
+        )
+        items = [(c, False) for c in job.clicks] + [(c, True) for c in job.context]
+        order = job.order if job.order is not None else range(len(items))
+        req.clicks.extend(click_to_pb(*items[k]) for k in order)
+        if tolerance is not None:
+            req.simplify_tolerance = tolerance
+        return req
+
+    def _results(self, resp: pb.SegmentResponse, job: TileJob) -> list[NucleusResult]:
+        by_id = {r.click_id: r for r in resp.results}
+        out = []
+        for c in job.clicks:
+            r = by_id.get(str(c.id))
+            if r is None:
+                raise ServerError("INTERNAL", f"the server's reply has no result for click {c.id!r}")
+            out.append(result_from_pb(r, c))
+        return out
+
+    # ----------------------------------------------------- whole images
+
+    def segment_tiled(
+        self,
+        reader: RegionReader,
+        clicks: Sequence[Click],
+        *,
+        max_tile: int = DEFAULT_MAX_TILE,
+        simplify_tolerance: float | None = None,
+        progress: bool = False,
+    ):
+        """Every click of an image, read tile by tile around the clicks and
+        streamed: the same :class:`bridge.segmentation.Segmentation` (results
+        in click order; ``masks`` are not sent back, so all None) as the
+        in-process engine gives on the whole image, also at tile borders."""
+        from tqdm import tqdm
+
+        from bridge.segmentation import Segmentation, check_finite, outside_reasons
+
+        clicks = list(clicks)
+        check_finite(clicks)
+        info = self.info()
+        max_tile = min(max_tile, int(info.limits["max_tile_side"]))
+        plans = plan_tiles(
+            clicks,
+            reader.width,
+            reader.height,
+            info.patch_size,
+            info.sigma,
+            max_tile,
+            int(info.limits["max_clicks_per_request"]),
+        )
+        reasons = outside_reasons(clicks, reader.width, reader.height)
+        results: list[NucleusResult | None] = [None] * len(clicks)
+        for k, why in reasons.items():
+            results[k] = NucleusResult(click=clicks[k], found=False, reason=why)
+
+        def job(plan: TilePlan) -> TileJob:
+            def pixels(plan=plan) -> np.ndarray:
+                return reader.read_region(plan.x0, plan.y0, plan.width, plan.height)
+
+            ids = {k: f"{k}" for k in plan.members + plan.context}
+            send = sorted(plan.members + plan.context)
+            position = {k: i for i, k in enumerate(plan.members + plan.context)}
+            return TileJob(
+                pixels,
+                [_with_id(clicks[k], ids[k]) for k in plan.members],
+                (plan.x0, plan.y0),
+                context=[_with_id(clicks[k], ids[k]) for k in plan.context],
+                order=[position[k] for k in send],
+            )
+
+        bar = tqdm(total=len(plans), desc="tiles", unit="tile", disable=not progress, leave=False)
+        stream = self.segment_many(map(job, plans), simplify_tolerance=simplify_tolerance)
+        for plan, tile_results in zip(plans, stream, strict=True):
+            for k, r in zip(plan.members, tile_results, strict=True):
+                r.click = clicks[k]
+                results[k] = r
+            bar.update(1)
+        bar.close()
+        assert all(r is not None for r in results)
+        return Segmentation(results, [None] * len(clicks))  # type: ignore[arg-type]
+
+    def health(self, timeout: float = 5.0) -> str:
+        """The gRPC health status of the NuClick service ("SERVING", ...)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        req = health_pb2.HealthCheckRequest(service="nuclick.v1.NuClick")
+        resp = self._call(stub.Check, req, timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def _with_id(click: Click, new_id: str) -> Click:
+    return Click(click.x, click.y, new_id, click.class_name)
+
+
+# ----------------------------------------------------------------- tiling
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """A level-0 window (clipped to the image), the clicks it answers for
+    (``members``) and the neighbours sent as context (indices into the clicks)."""
+
+    x0: int
+    y0: int
+    width: int
+    height: int
+    members: list[int] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)
+
+
+def plan_tiles(
+    clicks: Sequence[Click],
+    width: int,
+    height: int,
+    patch_size: int = 128,
+    sigma: float = 2.0,
+    max_tile: int = DEFAULT_MAX_TILE,
+    max_clicks: int = 1000,
+) -> list[TilePlan]:
+    """Group the on-image clicks into server requests whose answers equal a
+    whole-image run.
+
+    A member's final mask depends on its own patch, on the neighbours whose
+    guidance reaches into it (within ``patch_size/2 + 4 sigma + 1`` px,
+    Chebyshev) and on the raw masks of the neighbours whose patches overlap
+    it (within ``patch_size`` px), which in turn depend on their own guidance
+    neighbours.  So each request carries, as context, every click within
+    ``patch_size`` of a member (their patches lie inside the tile) and every
+    click within guidance reach of those; the tile covers the patches of
+    members and overlapping neighbours, clipped to the image.
+    """
+    if max_tile < 4 * patch_size:
+        raise BridgeInputError(f"tiles must be at least {4 * patch_size} px a side for patches of {patch_size} px")
+    xy = np.array([[c.x, c.y] for c in clicks], dtype=np.float64).reshape(-1, 2)
+    if len(xy) == 0:
+        return []
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)
+    tree = cKDTree(xy)
+    overlap = float(patch_size)
+    reach = patch_size / 2 + 4 * sigma + 1
+    origins = np.array([patch_origin(x, y, patch_size) for x, y in xy], dtype=np.int64).reshape(-1, 2)
+    cell = max_tile - 2 * (patch_size + patch_size // 2 + 2)
+
+    def near(indices: list[int], r: float) -> set[int]:
+        out: set[int] = set()
+        for found in tree.query_ball_point(xy[indices], r=r, p=np.inf):
+            out.update(found)
+        return out
+
+    def plan(members: list[int]) -> TilePlan:
+        ring1 = near(members, overlap) - set(members)
+        ring2 = near(members + sorted(ring1), reach) - set(members) - ring1
+        box = [k for k in members + sorted(ring1) if inside[k]]
+        o = origins[box]
+        x0, y0 = max(0, int(o[:, 0].min())), max(0, int(o[:, 1].min()))
+        x1 = min(width, int(o[:, 0].max()) + patch_size)
+        y1 = min(height, int(o[:, 1].max()) + patch_size)
+        return TilePlan(x0, y0, x1 - x0, y1 - y0, sorted(members), sorted(ring1 | ring2))
+
+    def split(members: list[int], size: float) -> list[TilePlan]:
+        bins: dict[tuple[int, int], list[int]] = {}
+        for k in members:
+            bins.setdefault((math.floor(xy[k, 0] / size), math.floor(xy[k, 1] / size)), []).append(k)
+        out = []
+        for key in sorted(bins):
+            p = plan(bins[key])
+            if len(p.members) + len(p.context) > max_clicks:
+                if size <= 1 or len(p.members) == 1:
+                    raise BridgeInputError(
+                        f"{len(p.members) + len(p.context)} clicks crowd one {patch_size} px patch "
+                        f"near ({xy[p.members[0], 0]:.0f}, {xy[p.members[0], 1]:.0f}); the server takes "
+                        f"{max_clicks} per request"
+                    )
+                out.extend(split(p.members, size / 2))
+            else:
+                out.append(p)
+        return out
+
+    return split(np.nonzero(inside)[0].tolist(), float(cell))
+
+
+# ---------------------------------------------------------- conveniences
+
+
+def segment(
+    image: np.ndarray,
+    clicks: Sequence[Click],
+    server: str = DEFAULT_TARGET,
+    **kwargs,
+) -> list[NucleusResult]:
+    """One tile through a server, in one call: opens a connection, segments,
+    closes.  ``kwargs`` go to :meth:`NuClickClient.segment` (origin,
+    downsample, pixel_size_um, ...) or, for token/tls/timeout/retries, to the
+    client."""
+    client_keys = {"token", "tls", "root_certificates", "retries", "backoff", "max_backoff"}
+    client_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in client_keys}
+    with NuClickClient.from_env(server, **client_kw) as client:
+        return client.segment(image, clicks, **kwargs)
+
+
+class RemoteSegmenter:
+    """The in-process engine's interface (``segment``, ``segment_tiled``)
+    backed by a server, for the CLI and the connectors' ``--server``."""
+
+    def __init__(self, client: NuClickClient, simplify_tolerance: float | None = None) -> None:
+        self.client = client
+        self.tolerance = simplify_tolerance
+
+    @classmethod
+    def from_args(cls, args) -> RemoteSegmenter:
+        """From a command's ``--server HOST:PORT`` (and its --tolerance);
+        refuses flags that only make sense in-process."""
+        if getattr(args, "method", "nuclick") != "nuclick":
+            raise BridgeInputError("--server runs NuClick on the server; --method watershed runs only locally")
+        for flag in ("weights", "threshold"):
+            if getattr(args, flag, None) is not None:
+                raise BridgeInputError(f"--{flag} is set on the server ('nuclick-bridge serve --{flag}'), not here")
+        target = str(args.server)
+        if ":" not in target:
+            raise BridgeInputError(f"--server needs HOST:PORT, not {target!r}")
+        client = NuClickClient.from_env(target)
+        return cls(client, getattr(args, "tolerance", None))
+
+    def segment(self, reader: RegionReader, clicks: Sequence[Click], progress: bool = False):
+        return self.segment_tiled(reader, clicks, progress=progress)
+
+    def segment_tiled(
+        self,
+        reader: RegionReader,
+        clicks: Sequence[Click],
+        max_tile: int = DEFAULT_MAX_TILE,
+        progress: bool = False,
+    ):
+        """As the engine's: same answer as a whole-image run.  Tiles are at
+        least 4 patches a side here (room for the context clicks), whatever
+        ``max_tile`` asks."""
+        max_tile = max(int(max_tile), 4 * self.client.info().patch_size)
+        return self.client.segment_tiled(
+            reader, clicks, max_tile=max_tile, simplify_tolerance=self.tolerance, progress=progress
+        )
+
+    def close(self) -> None:
+        self.client.close()

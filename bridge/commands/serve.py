@@ -1,0 +1,143 @@
+"""``nuclick-bridge serve``: NuClick over gRPC and HTTP/JSON.
+
+Only argparse is imported at module level: the parser is built for every
+command, and torch loads only when the server starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``serve`` (the subparser itself is registered in bridge.cli)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: 50051)")
+    p.add_argument("--http-port", type=int, default=8080, help="HTTP/JSON port; 0 picks a free one (default: 8080)")
+    p.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="NuClick weights file (default: the weights shipped inside the package)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the network runs: auto picks a CUDA GPU when torch sees one (default: auto)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=32, metavar="N", help="patches per network batch, across clients (default: 32)"
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=2.0,
+        metavar="MS",
+        help="how long a batch waits for other clients' patches (default: 2)",
+    )
+    p.add_argument("--workers", type=int, default=32, metavar="N", help="threads serving calls (default: 32)")
+    p.add_argument(
+        "--threads", type=int, default=0, metavar="N", help="CPU threads for torch's forward pass (0: torch's default)"
+    )
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="TLS certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="TLS private key (with --tls-cert)")
+    p.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="require 'authorization: Bearer <token>' on gRPC and HTTP; FILE holds the token",
+    )
+    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request in MiB (default: 64)")
+    p.add_argument("--max-tile-side", type=int, default=4096, help="largest tile side in pixels (default: 4096)")
+    p.add_argument("--max-clicks", type=int, default=1000, help="most clicks per request (default: 1000)")
+    p.add_argument("--max-streams", type=int, default=8, help="most concurrent SegmentStream calls (default: 8)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds calls in flight get at shutdown (default: 30)")
+    p.add_argument("--log-format", default="json", choices=("json", "text"), help="log lines (default: json)")
+
+
+def build_server(args: argparse.Namespace):
+    """Load the engine and configure the server (not started)."""
+    from bridge.engine import NuClickEngine
+    from bridge.errors import BridgeInputError
+    from bridge.service.auth import read_tls, read_token_file
+    from bridge.service.core import Limits
+    from bridge.service.server import NuClickServer
+
+    for name in ("port", "http_port"):
+        value = getattr(args, name)
+        if not 0 <= value <= 65535:
+            raise BridgeInputError(f"--{name.replace('_', '-')} must be between 0 and 65535")
+    if args.threads < 0:
+        raise BridgeInputError("--threads must be >= 0")
+    if args.max_message_mb <= 0:
+        raise BridgeInputError("--max-message-mb must be positive")
+    limits = Limits(
+        max_message_bytes=int(args.max_message_mb * (1 << 20)),
+        max_tile_side=args.max_tile_side,
+        max_clicks_per_request=args.max_clicks,
+        max_concurrent_streams=args.max_streams,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+    )
+    limits.check()
+    token = read_token_file(args.token_file) if args.token_file else None
+    tls = read_tls(args.tls_cert, args.tls_key)
+    engine = NuClickEngine.load(args.weights, device=args.device, batch_size=args.max_batch)
+    return NuClickServer(
+        engine,
+        host=args.host,
+        port=args.port,
+        http_port=None if args.no_http else args.http_port,
+        limits=limits,
+        token=token,
+        tls=tls,
+        workers=args.workers,
+        threads=args.threads,
+    )
+
+
+def _limit_malloc_arenas(n: int = 2) -> None:
+    """glibc gives every thread that allocates its own malloc arena, and the
+    server has dozens of threads handling large arrays: capping the arenas
+    (as MALLOC_ARENA_MAX does) cut peak RSS under load by about a quarter in
+    benchmarks/grpc_service.py.  Elsewhere (macOS, musl) this does nothing."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from bridge.service.logs import configure
+
+    _limit_malloc_arenas()
+    configure(args.log_format)
+    server = build_server(args).start()
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum, frame) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(0.5):
+        pass
+    from bridge.service.core import log_event
+
+    log_event("signal", signal=received[0] if received else None)
+    server.stop(grace=args.grace)
+    return 0

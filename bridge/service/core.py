@@ -1,0 +1,475 @@
+"""What the server does, whatever the transport: check a request, decode its
+tile, bring it to the model's scale, segment through the shared batcher, and
+answer in level-0 coordinates.  gRPC (:mod:`bridge.service.server`) and
+HTTP/JSON (:mod:`bridge.service.http`) are thin adapters over
+:class:`SegmentService`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+from shapely import affinity
+
+from bridge import __version__
+from bridge.coords import level0_affine, to_local
+from bridge.errors import BridgeInputError
+from bridge.imageio import ArrayReader
+from bridge.results import Click
+from bridge.segmentation import outside_reasons
+from bridge.service.batching import Batcher, Cancelled, ShuttingDown
+from bridge.service.convert import ServiceError, decode_tile, invalid, result_to_pb, too_big
+from bridge.service.gen import nuclick_pb2 as pb
+
+log = logging.getLogger("bridge.service")
+
+# A request's pixel size may differ this much (relative) from the model's
+# before the tile is resampled.
+PIXEL_SIZE_TOLERANCE = 0.10
+MAX_TOLERANCE_PX = 10.0
+MIN_DOWNSAMPLE, MAX_DOWNSAMPLE = 1e-3, 1e4
+MAX_PIXEL_SIZE_UM = 1e4
+MAX_RESAMPLE = 64.0
+
+
+@dataclass
+class Limits:
+    """What one request (and the server as a whole) may ask for."""
+
+    max_message_bytes: int = 64 << 20
+    max_tile_side: int = 4096
+    max_clicks_per_request: int = 1000
+    max_concurrent_streams: int = 8
+    max_batch: int = 32
+    batch_wait_ms: float = 2.0
+    stream_window: int = 4
+
+    def check(self) -> None:
+        for name in ("max_message_bytes", "max_tile_side", "max_clicks_per_request", "max_batch", "stream_window"):
+            if getattr(self, name) < 1:
+                raise BridgeInputError(f"{name.replace('_', '-')} must be at least 1")
+        if self.max_concurrent_streams < 0:
+            raise BridgeInputError("max-concurrent-streams must be >= 0")
+        if not (0 <= self.batch_wait_ms <= 1000):
+            raise BridgeInputError("batch-wait-ms must be between 0 and 1000")
+
+
+def log_event(msg: str, level: int = logging.INFO, **fields) -> None:
+    log.log(level, msg, extra={"fields": fields})
+
+
+@dataclass
+class _Prepared:
+    array: np.ndarray
+    clicks: list[Click]  # in the array's frame
+    answer: list[int]  # indices of clicks that get a result (not context_only)
+    origin: tuple[float, float]
+    scale: tuple[float, float]  # level-0 px per array px, (x, y)
+    factor: float  # tile px per model px after resampling (1 = as sent)
+    tolerance: float  # simplification in array px
+
+
+class _BatchedView:
+    """The engine with its forward pass routed through the batcher; one per
+    request, so that the request's cancel event and tolerance travel with it."""
+
+    @staticmethod
+    def make(engine, batcher: Batcher, cancel: threading.Event | None, tolerance: float):
+        view = copy.copy(engine)
+        view.batch_size = batcher.max_batch
+        view.tolerance = tolerance
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            return batcher.run(batch, cancel)
+
+        view.predict = predict
+        return view
+
+
+class SegmentService:
+    """Segment requests for any number of threads, over one engine.
+
+    ``engine`` is a :class:`bridge.engine.NuClickEngine` (or anything with its
+    ``segment``, ``predict``, ``info`` and ``device``): the forward pass is
+    shared through a :class:`Batcher`; everything else runs in the calling
+    thread.  ``threads`` > 0 sets torch's CPU threads for the forward pass.
+    """
+
+    def __init__(self, engine, limits: Limits | None = None, auth_required: bool = False, threads: int = 0) -> None:
+        self.engine = engine
+        self.limits = limits or Limits()
+        self.limits.check()
+        self.auth_required = auth_required
+        self.batcher = Batcher(
+            engine.predict,
+            self.limits.max_batch,
+            self.limits.batch_wait_ms / 1000.0,
+            on_start=(lambda: _set_torch_threads(threads)) if threads else None,
+        )
+        self.default_tolerance = float(getattr(engine, "tolerance", 0.5))
+        window = self.limits.stream_window
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, self.limits.max_concurrent_streams) * window, thread_name_prefix="nuclick-stream"
+        )
+        self._lock = threading.Lock()
+        self._active_calls = 0
+        self._active_streams = 0
+        self._counts = {"requests": 0, "errors": 0, "cancelled": 0, "streams_refused": 0}
+        self._closed = False
+
+    # --------------------------------------------------------------- info
+
+    def model_info(self) -> pb.GetModelInfoResponse:
+        info = self.engine.info
+        device = getattr(self.engine, "device", "cpu")
+        kind = getattr(device, "type", str(device))
+        name = ""
+        if kind == "cuda":
+            import torch
+
+            name = torch.cuda.get_device_name(device)
+        lim = self.limits
+        return pb.GetModelInfoResponse(
+            model=pb.Model(
+                name=info.name,
+                version=info.version,
+                sha256=info.sha256,
+                width=info.width,
+                patch_size=info.patch_size,
+                sigma=info.sigma,
+                threshold=float(getattr(self.engine, "threshold", info.threshold)),
+                pixel_size_um=info.pixel_size_um,
+            ),
+            device=kind,
+            device_name=name,
+            limits=pb.Limits(
+                max_message_bytes=lim.max_message_bytes,
+                max_tile_side=lim.max_tile_side,
+                max_clicks_per_request=lim.max_clicks_per_request,
+                max_concurrent_streams=lim.max_concurrent_streams,
+                max_batch=lim.max_batch,
+                batch_wait_ms=lim.batch_wait_ms,
+                stream_window=lim.stream_window,
+                auth_required=self.auth_required,
+            ),
+            server_version=__version__,
+        )
+
+    def stats(self) -> dict:
+        with self._lock:
+            out = dict(self._counts, active_calls=self._active_calls, active_streams=self._active_streams)
+        out.update({f"batch_{k}": v for k, v in self.batcher.stats().items()})
+        return out
+
+    # ------------------------------------------------------------ checks
+
+    def _prepare(self, req: pb.SegmentRequest) -> _Prepared:
+        lim = self.limits
+        n = len(req.clicks)
+        if n > lim.max_clicks_per_request:
+            raise too_big(
+                f"{n} clicks in one request; the limit is {lim.max_clicks_per_request}: "
+                "split the clicks over several requests"
+            )
+        tile = req.tile
+        if not req.HasField("tile") or tile.width == 0 or tile.height == 0:
+            raise invalid(f"tile is empty ({tile.width} x {tile.height} pixels); give its width and height")
+        if max(tile.width, tile.height) > lim.max_tile_side:
+            raise too_big(
+                f"tile is {tile.width} x {tile.height} pixels; the limit is {lim.max_tile_side} per side: "
+                "send smaller tiles"
+            )
+        d = tile.downsample or 1.0
+        if not (math.isfinite(d) and MIN_DOWNSAMPLE <= d <= MAX_DOWNSAMPLE):
+            raise invalid(f"tile downsample must be between {MIN_DOWNSAMPLE:g} and {MAX_DOWNSAMPLE:g}, not {d}")
+        ox, oy = tile.origin_x, tile.origin_y
+        if not (math.isfinite(ox) and math.isfinite(oy)):
+            raise invalid(f"tile origin ({ox}, {oy}) is not finite")
+        px = tile.pixel_size_um
+        if not (math.isfinite(px) and 0 <= px <= MAX_PIXEL_SIZE_UM):
+            raise invalid(f"tile pixel_size_um must be between 0 (unknown) and {MAX_PIXEL_SIZE_UM:g}, not {px}")
+        tol = self.default_tolerance
+        if req.HasField("simplify_tolerance"):
+            tol = req.simplify_tolerance
+            if not (math.isfinite(tol) and 0 <= tol <= MAX_TOLERANCE_PX):
+                raise invalid(f"simplify_tolerance must be between 0 and {MAX_TOLERANCE_PX} px, not {tol}")
+        w, h = int(tile.width), int(tile.height)
+        x1, y1 = ox + w * d, oy + h * d
+        seen: set[str] = set()
+        for k, c in enumerate(req.clicks):
+            label = repr(c.id) if c.id else f"#{k}"
+            if not (math.isfinite(c.x) and math.isfinite(c.y)):
+                raise invalid(f"click {label} has a non-finite coordinate ({c.x}, {c.y})")
+            if not c.id:
+                raise invalid(f"click #{k} has no id; every click needs an id, unique within the request")
+            if c.id in seen:
+                raise invalid(f"click id {c.id!r} appears twice; ids must be unique within a request")
+            seen.add(c.id)
+            if not c.context_only and not (ox <= c.x < x1 and oy <= c.y < y1):
+                raise invalid(
+                    f"click {label} at ({c.x:g}, {c.y:g}) is outside the tile "
+                    f"[{ox:g}, {x1:g}) x [{oy:g}, {y1:g}) (level-0 coordinates)"
+                )
+        array = decode_tile(tile, lim.max_tile_side)
+
+        # Bring the tile to the model's pixel size when both are known and differ.
+        factor = 1.0
+        model_px = float(self.engine.info.pixel_size_um or 0.0)
+        if px > 0 and model_px > 0:
+            tile_px = px * d
+            if abs(tile_px - model_px) > PIXEL_SIZE_TOLERANCE * model_px:
+                factor = tile_px / model_px
+        sx = sy = 1.0
+        if factor != 1.0:
+            if not (1 / MAX_RESAMPLE <= factor <= MAX_RESAMPLE):
+                raise invalid(
+                    f"tile pixels of {px * d:g} um are too far from the model's {model_px:g} um to resample "
+                    f"(factor {factor:g}); read the tile at a downsample nearer the model's pixel size"
+                )
+            nw, nh = max(1, round(w * factor)), max(1, round(h * factor))
+            if nw > lim.max_tile_side or nh > lim.max_tile_side:
+                raise too_big(
+                    f"at the model's pixel size ({model_px:g} um) this tile would be {nw} x {nh} pixels; "
+                    f"the limit is {lim.max_tile_side} per side: send smaller tiles"
+                )
+            array = _resample(array, nw, nh)
+            sx, sy = nw / w, nh / h
+        scale = (d / sx, d / sy)
+        xy = np.array([[c.x, c.y] for c in req.clicks], dtype=np.float64).reshape(-1, 2)
+        local = to_local(xy, (ox, oy), scale)
+        # Rounding must not push an inside click onto the far edge.
+        hi = np.nextafter(np.array([array.shape[1], array.shape[0]], dtype=np.float64), 0)
+        for k, c in enumerate(req.clicks):
+            if not c.context_only:
+                local[k] = np.minimum(np.maximum(local[k], 0.0), hi)
+        clicks = [
+            Click(float(x), float(y), c.id, c.class_name or None) for (x, y), c in zip(local, req.clicks, strict=True)
+        ]
+        answer = [k for k, c in enumerate(req.clicks) if not c.context_only]
+        return _Prepared(array, clicks, answer, (ox, oy), scale, factor, tol / math.sqrt(scale[0] * scale[1]))
+
+    # ------------------------------------------------------------ segment
+
+    def segment(
+        self, req: pb.SegmentRequest, cancel: threading.Event | None = None, admit: bool = True
+    ) -> pb.SegmentResponse:
+        """Answer one request, or raise :class:`ServiceError`.  ``admit=False``
+        for the requests of a stream that is already open: a draining server
+        refuses new calls but finishes the ones in flight."""
+        t0 = time.perf_counter()
+        with self._lock:
+            if self._closed and admit:
+                raise ServiceError("UNAVAILABLE", "the server is shutting down")
+            self._active_calls += 1
+            self._counts["requests"] += 1
+        status = "OK"
+        found = 0
+        try:
+            prep = self._prepare(req)
+            view = _BatchedView.make(self.engine, self.batcher, cancel, prep.tolerance)
+            try:
+                seg = _segment(view, prep)
+            except BridgeInputError as exc:
+                raise invalid(str(exc)) from exc
+            matrix = level0_affine(prep.origin, prep.scale)
+            out = pb.SegmentResponse(
+                request_id=req.request_id,
+                resample_factor=prep.factor,
+                model=f"{self.engine.info.name} {self.engine.info.version}",
+            )
+            for k in prep.answer:
+                r = seg.results[k]
+                c = req.clicks[k]
+                if r.found and r.polygon is not None:
+                    r.polygon = affinity.affine_transform(r.polygon, matrix)
+                    found += 1
+                out.results.append(result_to_pb(r, c.id, c.class_name))
+            return out
+        except ServiceError as exc:
+            status = exc.code
+            raise
+        except Cancelled as exc:
+            status = "CANCELLED"
+            with self._lock:
+                self._counts["cancelled"] += 1
+            raise ServiceError("CANCELLED", "the call was cancelled or its deadline expired") from exc
+        except ShuttingDown as exc:
+            status = "UNAVAILABLE"
+            raise ServiceError("UNAVAILABLE", str(exc)) from exc
+        except Exception:
+            status = "INTERNAL"
+            log.exception("segment failed")
+            raise ServiceError("INTERNAL", "internal error while segmenting; see the server log") from None
+        finally:
+            with self._lock:
+                self._active_calls -= 1
+                if status not in ("OK", "CANCELLED"):
+                    self._counts["errors"] += 1
+            log_event(
+                "segment",
+                request_id=req.request_id,
+                tile=f"{req.tile.width}x{req.tile.height}",
+                clicks=len(req.clicks),
+                found=found,
+                status=status,
+                ms=round(1000 * (time.perf_counter() - t0), 1),
+            )
+
+    def segment_one(self, req: pb.SegmentRequest, cancel: threading.Event | None) -> pb.SegmentResponse:
+        """For streams: a failed request becomes a response with ``error`` set."""
+        try:
+            return self.segment(req, cancel, admit=False)
+        except ServiceError as exc:
+            if exc.code in ("CANCELLED", "UNAVAILABLE"):
+                raise
+            return pb.SegmentResponse(request_id=req.request_id, error=pb.Error(code=exc.code, message=exc.message))
+
+    # ------------------------------------------------------------- streams
+
+    def open_stream(self) -> None:
+        """Take a stream slot or raise RESOURCE_EXHAUSTED."""
+        with self._lock:
+            if self._closed:
+                raise ServiceError("UNAVAILABLE", "the server is shutting down")
+            if self._active_streams >= self.limits.max_concurrent_streams:
+                self._counts["streams_refused"] += 1
+                raise ServiceError(
+                    "RESOURCE_EXHAUSTED",
+                    f"{self._active_streams} streams are open; the limit is "
+                    f"{self.limits.max_concurrent_streams}: retry later or use fewer streams",
+                    http_status=429,
+                )
+            self._active_streams += 1
+
+    def close_stream(self) -> None:
+        with self._lock:
+            self._active_streams -= 1
+
+    def segment_stream(
+        self, requests: Iterable[pb.SegmentRequest | ServiceError], cancel: threading.Event
+    ) -> Iterator[pb.SegmentResponse]:
+        """Responses in request order, with up to ``stream_window`` requests
+        segmented at once while the next ones are being received.  The caller
+        has taken a slot with :meth:`open_stream`.  Items of ``requests`` that
+        are already a ServiceError (e.g. unparsable JSON lines) are answered
+        with that error."""
+        pending: queue.Queue = queue.Queue(maxsize=self.limits.stream_window)
+        end = object()
+
+        def put(item) -> bool:
+            while not cancel.is_set():
+                try:
+                    pending.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def reader() -> None:
+            try:
+                for item in requests:
+                    if cancel.is_set():
+                        return
+                    if isinstance(item, ServiceError):
+                        fut: Future = Future()
+                        fut.set_result(pb.SegmentResponse(error=pb.Error(code=item.code, message=item.message)))
+                    else:
+                        fut = self._pool.submit(self.segment_one, item, cancel)
+                    if not put(fut):
+                        fut.cancel()
+                        return
+            except Exception as exc:  # the transport ended the request stream (cancel, reset)
+                put(exc)
+            finally:
+                put(end)
+
+        thread = threading.Thread(target=reader, name="nuclick-stream-reader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                try:
+                    item = pending.get(timeout=0.05)
+                except queue.Empty:
+                    if cancel.is_set():
+                        return
+                    continue
+                if item is end:
+                    return
+                if isinstance(item, Exception):
+                    if cancel.is_set():
+                        return
+                    raise item
+                yield item.result()
+        finally:
+            cancel.set()  # stops the reader and drops queued work
+            while True:
+                try:
+                    item = pending.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, Future):
+                    item.cancel()
+
+    # ------------------------------------------------------------ shutdown
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new calls; wait until the calls in flight are done."""
+        with self._lock:
+            self._closed = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._active_calls == 0 and self._active_streams == 0:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.batcher.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _segment(view, prep: _Prepared):
+    """Segment the answered clicks and the context clicks whose patches can
+    overlap theirs (their raw masks take part in overlap resolution); the
+    other context clicks only guide (exclusion maps), as in a whole-image run."""
+    clicks, size = prep.clicks, int(view.patch_size)
+    reader = ArrayReader(prep.array)
+    reasons = outside_reasons(clicks, reader.width, reader.height)
+    todo = [k for k in range(len(clicks)) if k not in reasons]
+    if len(prep.answer) < len(clicks) and prep.answer:
+        xy = np.array([[c.x, c.y] for c in clicks], dtype=np.float64)
+        # Chebyshev distance to the nearest answered click, in array pixels.
+        near, _ = cKDTree(xy[prep.answer]).query(xy, p=np.inf)
+        todo = [k for k in todo if near[k] < size + 1]
+    elif not prep.answer:
+        todo = []
+    masks = dict(view.iter_patches(reader, clicks, todo))
+    return view.finish(clicks, masks, reasons)
+
+
+def _resample(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(height, width, 3) uint8 resampling of a tile: area-averaged when
+    shrinking, bilinear when enlarging (Pillow's resize samples pixel
+    centres, matching the continuous convention of bridge.coords)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None))

@@ -1,0 +1,110 @@
+"""Ship trained weights: copy them into the package as the default model and
+write the model card from the training log and a fresh `evaluate` run.
+
+    python scripts/ship_weights.py runs/w025/nuclick_w025.pt --command "nuclick-bridge train ..."
+
+The validation numbers in the card come from the same code path as
+`nuclick-bridge evaluate --split val --jitter 5 --seed 0`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from bridge.datasets import load_split
+from bridge.engine import NuClickEngine
+from bridge.evaluate import evaluate
+from bridge.model.network import count_parameters
+from bridge.model.weights import DEFAULT_WEIGHTS_NAME, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+DEST = ROOT / "bridge" / "weights"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("weights", type=Path)
+    ap.add_argument("--command", required=True, help="the exact training command(s), for the card")
+    ap.add_argument("--notes", default="", help="anything else the reader must know")
+    args = ap.parse_args()
+    dest = DEST / DEFAULT_WEIGHTS_NAME
+    shutil.copyfile(args.weights, dest)
+    model, info = load_model(dest)
+    blob = torch.load(dest, map_location="cpu", weights_only=True)
+    meta = blob.get("meta", {})
+    engine = NuClickEngine(model, info, device="auto", batch_size=64)
+    val = {}
+    for name in ("monuseg", "consep_tiles"):
+        items = load_split(DATA / name, "val")
+        val[name] = {
+            k: (round(v, 4) if isinstance(v, float) else v)
+            for k, v in evaluate(items, engine.segment, jitter=5, seed=0).summary.items()
+        }
+        print(name, json.dumps(val[name]))
+    card = {
+        "name": info.name,
+        "version": info.version,
+        "sha256": info.sha256,
+        "width": info.width,
+        "parameters": count_parameters(model),
+        "patch_size": info.patch_size,
+        "sigma": info.sigma,
+        "threshold": info.threshold,
+        "pixel_size_um": info.pixel_size_um,
+        "epoch": meta.get("epoch"),
+        "train_config": meta.get("train_config"),
+        "train_split": meta.get("train_split"),
+        "code_commit": meta.get("code_commit"),
+        "validation_jitter5_seed0": val,
+    }
+    (DEST / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    rows = "\n".join(
+        f"| {n} | {m['images']} | {m['nuclei']} | {m['aji']:.4f} | {m['dice']:.4f} | {m['dice_obj']:.4f} "
+        f"| {m['sq']:.4f} | {m['dq']:.4f} | {m['pq']:.4f} |"
+        for n, m in val.items()
+    )
+    text = f"""# Model card: {info.name}
+
+- **What**: NuClick (Koohbanani et al., Medical Image Analysis 2020), click-guided nucleus segmentation;
+  network width multiplier {info.width:g} ({count_parameters(model) / 1e6:.2f}M parameters; the published
+  width 1.0 has about 65M). Inputs: RGB + inclusion + exclusion Gaussian maps (sigma {info.sigma:g} px),
+  128x128 patches, threshold {info.threshold:g}.
+- **File**: `bridge/weights/{DEFAULT_WEIGHTS_NAME}`, fp16, sha256 `{info.sha256}`; version `{info.version}`
+  (reported by the server's GetModelInfo).
+- **Pixel size**: trained at 40x, about {info.pixel_size_um:g} µm/px.
+- **Training data**: the `{meta.get("train_split")}` splits of `../shared/data/monuseg` (MoNuSeg / Kumar et al.
+  2017, 14 images) and `../shared/data/consep_tiles` (CoNSeP / Graham et al. 2019, 432 tiles); nuclei touching
+  an image border are not used as targets. Everything (width, sigma, threshold, epochs) was chosen on the
+  `val` splits only.
+- **Training**: best epoch {meta.get("epoch")} by mean validation AJI; config `{json.dumps(meta.get("train_config"))}`;
+  code commit `{meta.get("code_commit")}`.
+- **Command**:
+  ```
+  {args.command}
+  ```
+{("- **Notes**: " + args.notes) if args.notes else ""}
+
+## Validation (`nuclick-bridge evaluate --split val --jitter 5 --seed 0`)
+
+| dataset | images | nuclei | AJI | Dice | object Dice | SQ | DQ | PQ |
+|---|---|---|---|---|---|---|---|---|
+{rows}
+
+## Licence
+
+The training data is CC BY-NC-SA 4.0 (MoNuSeg) and research/non-commercial (CoNSeP tiles), so these
+weights are for **non-commercial use only**. Cite Kumar et al., IEEE TMI 36(7), 2017; the MoNuSeg 2018
+challenge; Graham et al., Medical Image Analysis 58, 2019; and Koohbanani et al., 2020.
+"""
+    (DEST / "MODEL_CARD.md").write_text(text)
+    print(f"shipped {dest} ({dest.stat().st_size / 1e6:.1f} MB), card in {DEST / 'MODEL_CARD.md'}")
+
+
+if __name__ == "__main__":
+    main()

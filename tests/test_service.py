@@ -1,0 +1,489 @@
+"""The gRPC contract against a real server on 127.0.0.1: model info, real
+tiles in and polygons out, coordinates, resampling, encodings, every kind of
+bad input, HTTP/JSON, tokens, TLS, health and reflection, streams."""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from shapely import affinity
+from shapely.geometry import Point, box
+
+from bridge.clicks import simulate_clicks
+from bridge.engine import NuClickEngine
+from bridge.imageio import ArrayReader
+from bridge.model.network import NuClickNet
+from bridge.model.weights import load_model, save_weights
+from bridge.results import Click
+from bridge.service.convert import polygon_from_pb, tile_to_pb
+from bridge.service.core import Limits
+from bridge.service.gen import nuclick_pb2 as pb
+from bridge.service.gen import nuclick_pb2_grpc as pb_grpc
+from bridge.service.server import NuClickServer
+from bridge.service.testing import DiscModel, engine_for
+
+ORIGIN = (5000.0, 7000.0)
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = NuClickServer(
+        engine_for(DiscModel(), "disc"), port=0, http_port=0, limits=Limits(max_clicks_per_request=50)
+    ).start()
+    yield srv
+    srv.stop(grace=1)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    yield pb_grpc.NuClickStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def tile(crop_pair):
+    """A real 160x128 tile and one click per labelled nucleus, in level 0."""
+    img, lab = crop_pair
+    tile = np.ascontiguousarray(img[:128, :160])
+    xy, _ = simulate_clicks(lab[:128, :160], jitter=0, seed=0)
+    clicks = [Click(ORIGIN[0] + x, ORIGIN[1] + y, f"n{k}", "Tumor" if k % 2 else None) for k, (x, y) in enumerate(xy)]
+    assert len(clicks) >= 5
+    return tile, clicks
+
+
+def request(tile: np.ndarray, clicks, origin=ORIGIN, **tile_kw) -> pb.SegmentRequest:
+    req = pb.SegmentRequest(tile=tile_to_pb(tile, origin, **tile_kw), request_id="r1")
+    for c in clicks:
+        req.clicks.add(x=c.x, y=c.y, id=c.id, class_name=c.class_name or "")
+    return req
+
+
+def code_of(stub, req) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Segment(req, timeout=30)
+    return info.value.code(), info.value.details()
+
+
+# ------------------------------------------------------------------ contract
+
+
+def test_model_info_reports_model_device_and_limits(stub):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert (info.model.name, info.model.version, info.model.patch_size) == ("disc", "test", 128)
+    assert info.model.pixel_size_um == pytest.approx(0.25) and info.model.threshold == pytest.approx(0.4)
+    assert info.device == "cpu" and info.server_version
+    assert info.limits.max_clicks_per_request == 50 and info.limits.max_tile_side == 4096
+    assert info.limits.max_message_bytes == 64 << 20 and not info.limits.auth_required
+
+
+def test_segment_real_tile_answers_every_click_in_level0(stub, tile):
+    img, clicks = tile
+    resp = stub.Segment(request(img, clicks), timeout=30)
+    assert resp.request_id == "r1" and resp.resample_factor == 1.0 and resp.model == "disc test"
+    assert [r.click_id for r in resp.results] == [c.id for c in clicks]
+    assert [r.class_name for r in resp.results] == [c.class_name or "" for c in clicks]
+    bounds = box(ORIGIN[0], ORIGIN[1], ORIGIN[0] + 160, ORIGIN[1] + 128)
+    for r, c in zip(resp.results, clicks, strict=True):
+        assert r.found, r.reason
+        poly = polygon_from_pb(r.polygon)
+        assert poly.is_valid and bounds.buffer(1e-9).contains(poly)
+        assert poly.distance(Point(c.x, c.y)) < 1.0
+        assert r.area_px == pytest.approx(poly.area) and 0.4 < r.score <= 1.0
+
+
+def test_results_equal_the_in_process_engine_with_a_real_network(tmp_path, tile):
+    """A real (random) NuClickNet from a weights file: the server's answer is
+    the engine's answer on the same tile, shifted to level 0."""
+    torch.manual_seed(0)
+    path = tmp_path / "w.pt"
+    save_weights(path, NuClickNet(0.125), {"name": "rand", "threshold": 0.5})
+    img, clicks = tile
+    clicks = clicks[:6]
+    local = [Click(c.x - ORIGIN[0], c.y - ORIGIN[1], c.id) for c in clicks]
+    expected = NuClickEngine.load(path, device="cpu").segment(ArrayReader(img), local).results
+    srv = NuClickServer(NuClickEngine.load(path, device="cpu"), port=0, http_port=None).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+            resp = pb_grpc.NuClickStub(ch).Segment(request(img, clicks), timeout=120)
+            assert (
+                pb_grpc.NuClickStub(ch).GetModelInfo(pb.GetModelInfoRequest()).model.sha256
+                == load_model(path)[1].sha256
+            )
+    finally:
+        srv.stop(grace=1)
+    assert any(e.found for e in expected)
+    for got, exp in zip(resp.results, expected, strict=True):
+        assert got.found == exp.found
+        if exp.found:
+            shifted = polygon_from_pb(got.polygon)
+            assert shifted.equals_exact(affinity.translate(exp.polygon, *ORIGIN), tolerance=1e-6)
+            assert got.score == pytest.approx(exp.score, abs=1e-5)
+
+
+def test_downsample_and_pixel_size_bring_tiles_to_the_model_scale(stub):
+    img = np.full((96, 96, 3), 180, np.uint8)
+
+    def area(downsample, **kw):
+        c = Click(ORIGIN[0] + 48.0 * downsample, ORIGIN[1] + 48.0 * downsample, "c")  # the tile's centre
+        resp = stub.Segment(request(img, [c], downsample=downsample, **kw), timeout=30)
+        r = resp.results[0]
+        assert r.found, r.reason
+        poly = polygon_from_pb(r.polygon)
+        assert poly.centroid.distance(Point(c.x, c.y)) < 1.5
+        return r.area_px, resp.resample_factor
+
+    base, f = area(downsample=2.0)  # no pixel size: the tile is used as it is, polygons scaled back by 2
+    assert f == 1.0 and base == pytest.approx(4 * np.pi * 25, rel=0.25)
+    near, f = area(downsample=2.0, pixel_size_um=0.13)  # 0.26 um: within 10% of the model's 0.25
+    assert f == 1.0 and near == base
+    half, f = area(downsample=2.0, pixel_size_um=0.25)  # tile pixels are 0.5 um: resampled x2
+    assert f == pytest.approx(2.0) and half == pytest.approx(base / 4, rel=0.25)
+    small, f = area(downsample=1.0, pixel_size_um=0.125)  # tile finer than the model: shrunk x0.5
+    assert f == pytest.approx(0.5) and small == pytest.approx(4 * np.pi * 25, rel=0.3)
+
+
+def test_png_and_jpeg_tiles(stub, tile):
+    img, clicks = tile
+    raw = stub.Segment(request(img, clicks), timeout=30)
+    png = stub.Segment(request(img, clicks, encoding="png"), timeout=30)
+    jpg = stub.Segment(request(img, clicks, encoding="jpeg"), timeout=30)
+    assert png.results == raw.results  # lossless: identical answers
+    assert [r.click_id for r in jpg.results] == [c.id for c in clicks] and all(r.found for r in jpg.results)
+    unspecified = request(img, clicks, encoding="png")
+    unspecified.tile.encoding = pb.Tile.ENCODING_UNSPECIFIED  # sniffed from the PNG signature
+    assert stub.Segment(unspecified, timeout=30).results == raw.results
+
+
+def test_context_clicks_get_no_result_and_may_lie_outside_the_tile(stub, tile):
+    img, clicks = tile
+    req = request(img, clicks[:2])
+    req.clicks.add(x=ORIGIN[0] - 30, y=ORIGIN[1] + 5, id="ctx", context_only=True)
+    resp = stub.Segment(req, timeout=30)
+    assert [r.click_id for r in resp.results] == [clicks[0].id, clicks[1].id]
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bad_requests(img: np.ndarray, clicks: list[Click]):
+    """(name, request, expected code, words in the reason)"""
+    ok = request(img, clicks)
+    h, w = img.shape[:2]
+
+    def edited(fn):
+        req = pb.SegmentRequest()
+        req.CopyFrom(ok)
+        fn(req)
+        return req
+
+    png = _png(img)
+    inv, big = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def set_tile(req, **kw):
+        for k, v in kw.items():
+            setattr(req.tile, k, v)
+
+    def add(req, **kw):
+        req.clicks.add(**kw)
+
+    return [
+        ("truncated png", edited(lambda r: set_tile(r, encoding=pb.Tile.PNG, data=png[: len(png) // 2])), inv, "PNG"),
+        ("garbage png", edited(lambda r: set_tile(r, encoding=pb.Tile.PNG, data=b"\x89PNG garbage" * 9)), inv, "PNG"),
+        ("garbage unknown", edited(lambda r: set_tile(r, encoding=0, data=b"nonsense")), inv, "neither"),
+        ("raw truncated", edited(lambda r: set_tile(r, data=r.tile.data[:-7])), inv, "bytes"),
+        ("wrong width", edited(lambda r: set_tile(r, width=w + 1)), inv, "bytes"),
+        ("png wrong size", edited(lambda r: set_tile(r, encoding=pb.Tile.PNG, data=png, height=h - 1)), inv, "says"),
+        ("empty tile", edited(lambda r: set_tile(r, width=0, height=0, data=b"")), inv, "empty"),
+        ("no data", edited(lambda r: set_tile(r, data=b"")), inv, "no pixel data"),
+        ("no tile", edited(lambda r: r.ClearField("tile")), inv, "empty"),
+        ("click outside", edited(lambda r: add(r, x=ORIGIN[0] + w + 3, y=ORIGIN[1] + 1, id="out")), inv, "outside"),
+        ("click left of tile", edited(lambda r: add(r, x=ORIGIN[0] - 0.01, y=ORIGIN[1] + 1, id="o")), inv, "outside"),
+        ("nan", edited(lambda r: add(r, x=float("nan"), y=ORIGIN[1], id="nan")), inv, "non-finite"),
+        ("inf", edited(lambda r: add(r, x=ORIGIN[0], y=float("inf"), id="inf")), inv, "non-finite"),
+        ("duplicate id", edited(lambda r: add(r, x=ORIGIN[0] + 1, y=ORIGIN[1] + 1, id=clicks[0].id)), inv, "twice"),
+        ("missing id", edited(lambda r: add(r, x=ORIGIN[0] + 1, y=ORIGIN[1] + 1)), inv, "no id"),
+        ("bad downsample", edited(lambda r: set_tile(r, downsample=-2.0)), inv, "downsample"),
+        ("nan origin", edited(lambda r: set_tile(r, origin_x=float("nan"))), inv, "origin"),
+        ("bad pixel size", edited(lambda r: set_tile(r, pixel_size_um=-0.5)), inv, "pixel_size_um"),
+        ("bad tolerance", edited(lambda r: setattr(r, "simplify_tolerance", 1e9)), inv, "simplify_tolerance"),
+        (
+            "too many clicks",
+            edited(lambda r: [add(r, x=ORIGIN[0] + 1, y=ORIGIN[1] + 1, id=f"x{k}") for k in range(60)]),
+            big,
+            "limit is 50",
+        ),
+        ("tile too large", edited(lambda r: set_tile(r, width=5000, height=10, data=b"")), big, "limit is 4096"),
+        (
+            "resampled too large",
+            edited(lambda r: set_tile(r, pixel_size_um=8.0)),
+            big,
+            "model's pixel size",
+        ),
+    ]
+
+
+def test_bad_requests_get_a_clean_status_with_a_reason_and_the_server_carries_on(stub, tile):
+    img, clicks = tile
+    for name, req, code, words in _bad_requests(img, clicks):
+        got, details = code_of(stub, req)
+        assert got == code, (name, got, details)
+        assert words in details, (name, details)
+    oversized = request(np.zeros((4096, 4096 + 1024, 3), np.uint8)[:, :4096], [])  # 48 MiB raw
+    oversized.tile.data += bytes(20 << 20)  # over the 64 MiB message limit
+    got, details = code_of(stub, oversized)
+    assert got == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    # ... and a valid request still gets the right answer.
+    resp = stub.Segment(request(img, clicks), timeout=30)
+    assert [r.click_id for r in resp.results] == [c.id for c in clicks] and all(r.found for r in resp.results)
+
+
+def test_zero_clicks_is_an_empty_answer(stub, tile):
+    img, _ = tile
+    assert list(stub.Segment(request(img, []), timeout=30).results) == []
+
+
+# ---------------------------------------------------------------------- HTTP
+
+
+def _http(port: int, path: str, body: bytes | None = None, headers=None, scheme="http", context=None):
+    req = urllib.request.Request(f"{scheme}://127.0.0.1:{port}{path}", data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=context) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _json(msg) -> bytes:
+    return json_format.MessageToJson(msg).encode()
+
+
+def test_http_json_gives_the_same_answers_and_errors_as_grpc(server, stub, tile):
+    img, clicks = tile
+    req = request(img, clicks)
+    status, body = _http(server.http_port, "/v1/segment", _json(req), {"Content-Type": "application/json"})
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["requestId"] == "r1" and doc["results"][0]["clickId"] == clicks[0].id
+    assert json_format.Parse(body, pb.SegmentResponse()) == stub.Segment(req, timeout=30)
+
+    status, body = _http(server.http_port, "/v1/model")
+    assert status == 200 and json.loads(body)["model"]["pixelSizeUm"] == 0.25
+    assert json.loads(body)["limits"]["maxMessageBytes"] == 64 << 20
+
+    for name, bad, _code, _words in _bad_requests(img, clicks)[:16]:
+        status, body = _http(server.http_port, "/v1/segment", _json(bad))
+        doc = json.loads(body)
+        assert (status, doc["code"]) == (400, "INVALID_ARGUMENT"), name
+        assert doc["message"] == code_of(stub, bad)[1], name
+    status, body = _http(server.http_port, "/v1/segment", b'{"tile": {"width": "many"}}')
+    assert status == 400 and "not a SegmentRequest" in json.loads(body)["message"]
+    status, body = _http(server.http_port, "/v1/segment", b"\xff\xfe not json")
+    assert status == 400
+    status, body = _http(server.http_port, "/v1/nothing")
+    assert status == 404 and json.loads(body)["code"] == "NOT_FOUND"
+    status, _ = _http(server.http_port, "/v1/model", b"{}")
+    assert status == 405
+    status, _ = _http(server.http_port, "/healthz")
+    assert status == 200
+
+
+def test_http_body_over_the_limit_is_413_without_reading_it(tile):
+    img, clicks = tile
+    srv = NuClickServer(
+        engine_for(DiscModel(), "disc"), port=0, http_port=0, limits=Limits(max_message_bytes=50_000)
+    ).start()
+    try:
+        body = _json(request(img, clicks))
+        assert len(body) > 50_000
+        status, out = _http(srv.http_port, "/v1/segment", body)
+        assert status == 413 and json.loads(out)["code"] == "RESOURCE_EXHAUSTED"
+        with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+            got, _ = code_of(pb_grpc.NuClickStub(ch), request(img, clicks))
+        assert got == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        srv.stop(grace=1)
+
+
+def test_http_stream_answers_ndjson_lines_in_order(server, tile):
+    img, clicks = tile
+    lines = []
+    for k in range(3):
+        req = request(img, clicks[k : k + 2])
+        req.request_id = f"t{k}"
+        lines.append(json_format.MessageToJson(req, indent=None).encode())
+    lines.insert(1, b'{"tile": 5}')
+    status, body = _http(server.http_port, "/v1/segmentStream", b"\n".join(lines))
+    assert status == 200
+    out = [json.loads(line) for line in body.splitlines()]
+    assert [o["requestId"] for o in out] == ["t0", "", "t1", "t2"]
+    assert out[1]["error"]["code"] == "INVALID_ARGUMENT"
+    assert [r["clickId"] for r in out[3]["results"]] == [clicks[2].id, clicks[3].id]
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def test_stream_answers_in_order_and_a_bad_request_does_not_end_it(stub, tile):
+    img, clicks = tile
+    reqs = []
+    for k in range(5):
+        req = request(img, clicks[k : k + 1])
+        req.request_id = f"s{k}"
+        reqs.append(req)
+    reqs[2].clicks[0].x = float("nan")
+    out = list(stub.SegmentStream(iter(reqs), timeout=60))
+    assert [o.request_id for o in out] == [f"s{k}" for k in range(5)]
+    assert out[2].error.code == "INVALID_ARGUMENT" and "non-finite" in out[2].error.message
+    for k in (0, 1, 3, 4):
+        assert not out[k].HasField("error") and out[k].results[0].click_id == clicks[k].id
+        assert out[k].results[0].found
+
+
+def test_concurrent_stream_limit(tile):
+    img, clicks = tile
+    srv = NuClickServer(
+        engine_for(DiscModel(), "disc"), port=0, http_port=0, limits=Limits(max_concurrent_streams=1)
+    ).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+            stub = pb_grpc.NuClickStub(ch)
+            feed: queue.Queue = queue.Queue()
+            first = stub.SegmentStream(iter(feed.get, None), timeout=60)
+            feed.put(request(img, clicks[:1]))
+            assert next(first).results[0].found  # the first stream is open and working
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.SegmentStream(iter([request(img, clicks[:1])]), timeout=30))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit is 1" in info.value.details()
+            assert _http(srv.http_port, "/v1/segmentStream", _json(request(img, clicks[:1])))[0] == 429
+            feed.put(None)
+            assert list(first) == []
+            for _ in range(100):  # the slot is released when the call ends
+                if srv.stats()["active_streams"] == 0:
+                    break
+                time.sleep(0.02)
+            out = list(stub.SegmentStream(iter([request(img, clicks[:1])]), timeout=30))
+            assert out[0].results[0].found
+    finally:
+        srv.stop(grace=1)
+
+
+# ------------------------------------------------------- token, TLS, health
+
+
+def test_bearer_token_on_grpc_and_http(tile):
+    img, clicks = tile
+    srv = NuClickServer(engine_for(DiscModel(), "disc"), port=0, http_port=0, token=TOKEN).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+            stub = pb_grpc.NuClickStub(ch)
+            for metadata, words in (((), "missing"), ((("authorization", "Bearer nope"),), "wrong")):
+                for call in (
+                    lambda md: stub.Segment(request(img, clicks), timeout=10, metadata=md),
+                    lambda md: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10, metadata=md),
+                    lambda md: list(stub.SegmentStream(iter([request(img, clicks)]), timeout=10, metadata=md)),
+                ):
+                    with pytest.raises(grpc.RpcError) as info:
+                        call(metadata)
+                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and words in info.value.details()
+            good = (("authorization", f"Bearer {TOKEN}"),)
+            assert len(stub.Segment(request(img, clicks), timeout=10, metadata=good).results) == len(clicks)
+            assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=good).limits.auth_required
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING  # open to probes
+        body = _json(request(img, clicks))
+        assert _http(srv.http_port, "/v1/segment", body)[0] == 401
+        assert _http(srv.http_port, "/v1/segment", body, {"Authorization": "Bearer nope"})[0] == 401
+        assert _http(srv.http_port, "/v1/model", None, {"Authorization": "Basic abc"})[0] == 401
+        assert _http(srv.http_port, "/v1/segment", body, {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        assert _http(srv.http_port, "/healthz")[0] == 200
+    finally:
+        srv.stop(grace=1)
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+            *("-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return d / "cert.pem", d / "key.pem"
+
+
+def test_tls_on_grpc_and_http(tls_pair, tile):
+    img, clicks = tile
+    cert, key = tls_pair
+    srv = NuClickServer(
+        engine_for(DiscModel(), "disc"), port=0, http_port=0, tls=(cert.read_bytes(), key.read_bytes())
+    ).start()
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{srv.grpc_port}", creds) as ch:
+            resp = pb_grpc.NuClickStub(ch).Segment(request(img, clicks), timeout=30)
+            assert [r.click_id for r in resp.results] == [c.id for c in clicks]
+        with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:  # plaintext to a TLS port
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.NuClickStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        ctx = ssl.create_default_context(cafile=str(cert))
+        status, body = _http(srv.http_port, "/v1/model", scheme="https", context=ctx)
+        assert status == 200 and json.loads(body)["model"]["name"] == "disc"
+        with pytest.raises(urllib.error.URLError):
+            _http(srv.http_port, "/v1/model", scheme="https", context=ssl.create_default_context())  # untrusted
+    finally:
+        srv.stop(grace=1)
+
+
+def test_health_and_reflection(server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "nuclick.v1.NuClick"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = set(db.get_services())
+        assert {"nuclick.v1.NuClick", "grpc.health.v1.Health"} <= services
+        desc = db.FindFileContainingSymbol("nuclick.v1.NuClick")
+        assert desc.name == "nuclick/v1/nuclick.proto" and desc.package == "nuclick.v1"
+
+
+def test_a_second_server_on_a_taken_port_is_a_clear_error(server):
+    from bridge.errors import BridgeInputError
+
+    with pytest.raises(BridgeInputError, match="cannot listen for gRPC"):
+        NuClickServer(engine_for(DiscModel(), "disc"), port=server.grpc_port, http_port=None).start()
+    with pytest.raises(BridgeInputError, match="cannot listen for HTTP"):
+        NuClickServer(engine_for(DiscModel(), "disc"), port=0, http_port=server.http_port).start()
