@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
     p.add_argument("--resume", default=None, metavar="CKPT", help="checkpoint to resume from")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="WEIGHTS",
+        help="start from these trained weights (fine-tuning) instead of random ones",
+    )
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
     p.set_defaults(handler="bridge.commands.train:run")

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         "train_split": args.train_split,
         "val_split": args.val_split,
         "code_commit": _git_commit(),
+        "init": args.init,
         "licence": "CC BY-NC-SA 4.0 (trained on MoNuSeg/CoNSeP): non-commercial use only",
     }
     state = train(
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_device(args.device),
         Path(args.resume) if args.resume else None,
         meta,
+        init=Path(args.init) if args.init else None,
     )
     print(json.dumps({"best_mean_val_aji": state["best_aji"], "epochs": state["epoch"], "out": args.out}))
     return 0

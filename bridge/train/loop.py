@@ -79,6 +79,7 @@ def train(
     device: torch.device,
     resume: Path | None = None,
     meta: dict | None = None,
+    init: Path | None = None,
 ) -> dict:
     """Train, checkpointing to ``OUT.ckpt`` beside ``out``; the weights with the
     best mean validation AJI are written to ``out``.  Returns the final state."""
@@ -98,6 +99,14 @@ def train(
         opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total))))
     )
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_aji": -1.0, "history": []}
+    if init is not None:  # fine-tune from trained weights; a checkpoint of this run still wins below
+        from bridge.model.weights import load_model
+
+        start_model, start_info = load_model(init)
+        if start_info.width != cfg.width:
+            raise ValueError(f"--init weights have width {start_info.width:g}, not {cfg.width:g}")
+        model.load_state_dict(start_model.state_dict())
+        log.info("starting from the weights in %s", init)
     src = resume if resume is not None else (ckpt_path if ckpt_path.is_file() else None)
     if src is not None:
         blob = torch.load(src, map_location="cpu", weights_only=False)
