@@ -68,8 +68,9 @@ def _clip_window(x0: int, y0: int, w: int, h: int, width: int, height: int) -> t
     return x_lo, y_lo, x_hi, y_hi
 
 
-class _ReaderBase:
-    """Zero-filled windowing shared by the readers; subclasses read in-bounds boxes."""
+class WindowedReader:
+    """Zero-filled windowing shared by every reader; subclasses only read boxes
+    that lie inside the image (``_read_inside``)."""
 
     width: int
     height: int
@@ -89,7 +90,7 @@ class _ReaderBase:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> _ReaderBase:
+    def __enter__(self) -> WindowedReader:
         return self
 
     def __exit__(
@@ -101,7 +102,7 @@ class _ReaderBase:
         self.close()
 
 
-class ArrayReader(_ReaderBase):
+class ArrayReader(WindowedReader):
     """A RegionReader over an in-memory (H, W, 3) uint8 array (no copy)."""
 
     def __init__(self, array: np.ndarray) -> None:
@@ -129,7 +130,7 @@ def _describe_channels(n: int) -> str:
     return f"{names.get(n, 'multichannel')} ({n} channel{'s' if n != 1 else ''})"
 
 
-class TiffReader(_ReaderBase):
+class TiffReader(WindowedReader):
     """Level 0 of a TIFF / OME-TIFF / tiled pyramidal TIFF (e.g. SVS), read lazily.
 
     Only the IFDs are parsed on open; ``read_region`` goes through

@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from bridge.coords import patch_origin
-from bridge.imageio import RegionReader
+from bridge.imageio import RegionReader, WindowedReader
 from bridge.results import Click
 
 DEFAULT_MAX_TILE = 2048
@@ -85,7 +85,7 @@ def plan_tiles(
     return tiles
 
 
-class TileReader:
+class TileReader(WindowedReader):
     """A RegionReader over one tile read into memory, answering in level-0
     coordinates; pixels off the image are zero, as from the full reader."""
 
@@ -94,27 +94,11 @@ class TileReader:
         self.x0, self.y0 = origin
         self.width, self.height = width, height
 
-    def read_region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        out = np.zeros((h, w, 3), dtype=np.uint8)
-        xs, ys = max(x0, 0), max(y0, 0)
-        xe, ye = min(x0 + w, self.width), min(y0 + h, self.height)
-        if xe <= xs or ye <= ys:
-            return out
+    def _read_inside(self, xs: int, ys: int, xe: int, ye: int) -> np.ndarray:
         th, tw = self.pixels.shape[:2]
         if xs < self.x0 or ys < self.y0 or xe > self.x0 + tw or ye > self.y0 + th:
-            raise ValueError(f"window ({x0}, {y0}, {w}, {h}) is not inside the tile at ({self.x0}, {self.y0})")
-        src = self.pixels[ys - self.y0 : ye - self.y0, xs - self.x0 : xe - self.x0]
-        out[ys - y0 : ye - y0, xs - x0 : xe - x0] = src
-        return out
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> TileReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+            raise ValueError(f"window ({xs}, {ys})-({xe}, {ye}) is not inside the tile at ({self.x0}, {self.y0})")
+        return self.pixels[ys - self.y0 : ye - self.y0, xs - self.x0 : xe - self.x0]
 
 
 def iter_tiles(reader: RegionReader, tiles: Sequence[Tile], progress: bool = False):

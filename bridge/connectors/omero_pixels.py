@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from bridge.errors import BridgeInputError
-from bridge.imageio import _ReaderBase
+from bridge.imageio import WindowedReader
 
 RGB_CHANNELS = (0, 1, 2)
 MAX_TILE_SIDE = 2048  # a server announcing bigger "tiles" (untiled formats) is asked for this much at most
@@ -56,7 +56,7 @@ def tile_grid(start: int, stop: int, tile: int) -> range:
     return range(start // tile, (stop - 1) // tile + 1)
 
 
-class OmeroPixelsReader(_ReaderBase):
+class OmeroPixelsReader(WindowedReader):
     """RGB level-0 pixels of plane (z, t) of one OMERO Pixels object.
 
     ``store`` is a RawPixelsStore proxy (``conn.createRawPixelsStore()``);

@@ -9,12 +9,11 @@ is installed (``pip install openslide-python openslide-bin``); it is optional.
 from __future__ import annotations
 
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
 from bridge.errors import BridgeInputError
-from bridge.imageio import SUPPORTED_SUFFIXES, RegionReader, open_image
+from bridge.imageio import SUPPORTED_SUFFIXES, RegionReader, WindowedReader, open_image
 
 OPENSLIDE_SUFFIXES = (".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".czi", ".dcm", ".tiff.dcm")
 
@@ -24,7 +23,7 @@ def _has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
     return any(lower.endswith(s) for s in suffixes)
 
 
-class OpenSlideReader:
+class OpenSlideReader(WindowedReader):
     """Level 0 of a slide through OpenSlide, as a RegionReader (8-bit RGB,
     zero outside the image and where the slide has no data)."""
 
@@ -42,37 +41,18 @@ class OpenSlideReader:
             raise BridgeInputError(f"{self.path.name} is not a slide OpenSlide can read ({exc})") from exc
         self.width, self.height = (int(v) for v in self._slide.dimensions)
 
-    def read_region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        x0, y0, w, h = int(x0), int(y0), int(w), int(h)
-        out = np.zeros((h, w, 3), dtype=np.uint8)
-        xa, ya = max(x0, 0), max(y0, 0)
-        xb, yb = min(x0 + w, self.width), min(y0 + h, self.height)
-        if xb <= xa or yb <= ya:
-            return out
+    def _read_inside(self, xa: int, ya: int, xb: int, yb: int) -> np.ndarray:
         try:
             rgba = np.asarray(self._slide.read_region((xa, ya), 0, (xb - xa, yb - ya)))
         except Exception as exc:
             raise BridgeInputError(f"cannot decode {self.path.name} near x={xa}, y={ya} ({exc})") from exc
-        rgb = np.where(rgba[..., 3:4] > 0, rgba[..., :3], 0).astype(np.uint8)
-        out[ya - y0 : yb - y0, xa - x0 : xb - x0] = rgb
-        return out
+        return np.where(rgba[..., 3:4] > 0, rgba[..., :3], 0).astype(np.uint8)
 
     def close(self) -> None:
         slide = getattr(self, "_slide", None)
         if slide is not None:
             slide.close()
             self._slide = None
-
-    def __enter__(self) -> OpenSlideReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def open_local_image(path: str | Path) -> RegionReader:
