@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -211,12 +212,17 @@ class NuClickServer:
         self._health.enter_graceful_shutdown()
         if self._http is not None:
             self._http.refuse_new()
-        done = self._server.stop(grace)
+        # Refuse new calls in our own handlers first (a clean UNAVAILABLE, which
+        # clients retry), let the calls in flight finish, and only then stop
+        # gRPC itself: a call that reaches a stopping gRPC server may instead
+        # come back CANCELLED, which a client must not retry.
+        t0 = time.monotonic()
         self.service.drain(grace)
         if self._http is not None:
-            self._http.wait_idle(grace)
+            self._http.wait_idle(max(0.0, grace - (time.monotonic() - t0)))
             self._http.close()
-        done.wait(grace + 1)
+        remaining = max(0.0, grace - (time.monotonic() - t0))
+        self._server.stop(remaining).wait(remaining + 1)
         self.service.close()
         self._stopped.set()
         log_event("stopped", **{k: v for k, v in self.stats().items() if not k.startswith("active")})
