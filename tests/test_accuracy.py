@@ -35,8 +35,21 @@ def subset(root, names, tmp_path):
 def test_shipped_weights_beat_the_floor(dataset, names, data_root, tmp_path, capsys):
     assert default_weights_path().is_file(), "the package ships no weights"
     images, labels = subset(data_root / dataset, names, tmp_path)
-    rc = main(["evaluate", "--images", str(images), "--labels", str(labels), "--jitter", "5", "--seed", "0",
-               "--device", "cpu"])
+    rc = main(
+        [
+            "evaluate",
+            "--images",
+            str(images),
+            "--labels",
+            str(labels),
+            "--jitter",
+            "5",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     summary = json.loads(out.strip().splitlines()[-1])
