@@ -158,7 +158,7 @@ def _features(doc: Any, name: str) -> list[Any]:
     raise BridgeInputError(f"{name}: expected GeoJSON (a FeatureCollection), found a JSON {type(doc).__name__}")
 
 
-def _class_of(properties: Any) -> str | None:
+def class_name_of(properties: Any) -> str | None:
     """QuPath class name: ``classification.name`` (>= 0.3) or a plain string."""
     if not isinstance(properties, dict):
         return None
@@ -222,7 +222,7 @@ def _read_geojson(path: Path) -> list[Click]:
             continue
         raw = raw_ids[number - 1]
         fid = str(raw) if raw is not None and id_counts.get(str(raw)) == 1 else str(number)
-        class_name = _class_of(feature.get("properties"))
+        class_name = class_name_of(feature.get("properties"))
         for k, coords in enumerate(points, start=1):
             at = where if len(points) == 1 else f"{where} point {k}"
             if not isinstance(coords, list) or len(coords) < 2:

@@ -41,6 +41,7 @@ from urllib.parse import unquote, urlsplit
 
 from bridge.errors import BridgeInputError
 from bridge.geojson import result_to_feature
+from bridge.points import class_name_of
 from bridge.results import Click, NucleusResult
 
 MARKER_PREFIX = "nuclick-bridge"
@@ -95,17 +96,6 @@ def parse_marker(name: Any) -> Marker | None:
 # ------------------------------------------------------------------- points
 
 
-def _class_name(properties: Any) -> str | None:
-    if not isinstance(properties, dict):
-        return None
-    cls = properties.get("classification")
-    if isinstance(cls, dict):
-        cls = cls.get("name")
-    if isinstance(cls, str) and cls.strip():
-        return cls.strip()
-    return None
-
-
 def _point_list(geometry: Any) -> list[Any]:
     if not isinstance(geometry, dict):
         return []
@@ -155,7 +145,7 @@ def extract_points(features: Iterable[dict], classes: Sequence[str] = ()) -> Poi
             continue
         raw_id = feature.get("id")
         ann_id = str(raw_id) if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else f"#{number}"
-        cls = _class_name(props)
+        cls = class_name_of(props)
         if wanted and class_label(cls) not in wanted:
             out.other_classes += len(points)
             continue
@@ -204,7 +194,7 @@ def our_detections(features: Iterable[dict]) -> list[OurDetection]:
         if marker is None:
             continue
         raw_id = feature.get("id")
-        out.append(OurDetection(str(raw_id) if raw_id is not None else None, marker, _class_name(props)))
+        out.append(OurDetection(str(raw_id) if raw_id is not None else None, marker, class_name_of(props)))
     return out
 
 
