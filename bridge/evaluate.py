@@ -4,7 +4,6 @@ six metrics."""
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,11 +71,3 @@ def evaluate(
     summary = aggregate(list(per_image.values()))
     summary.update(images=len(items), nuclei=n_nuclei, nuclei_per_s=round(n_nuclei / seconds, 2) if seconds else 0.0)
     return EvalReport(summary, per_image, preds)
-
-
-def write_clicks_csv(path: Path, clicks: list[Click]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["x", "y"])
-        for c in clicks:
-            w.writerow([f"{c.x:.3f}", f"{c.y:.3f}"])
