@@ -8,14 +8,14 @@ and knows nothing about QuPath, OMERO or the network protocol.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from bridge.coords import patch_origin, pixel_of, to_local
+from bridge.coords import to_local
 from bridge.errors import BridgeInputError
 from bridge.guidance import guidance_pair
 from bridge.imageio import RegionReader
@@ -23,33 +23,17 @@ from bridge.model.network import NuClickNet
 from bridge.model.weights import ModelInfo, load_model, resolve_device
 from bridge.postprocess import PatchMask, clean_patch
 from bridge.results import Click
-from bridge.segmentation import PatchSegmenter, valid_window
+from bridge.segmentation import ClickPatch, PatchSegmenter
 
 
-def build_inputs(
-    reader: RegionReader,
-    xy: np.ndarray,
-    tree: cKDTree,
-    all_xy: np.ndarray,
-    indices: Sequence[int],
-    size: int,
-    sigma: float,
-) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """(B, 5, size, size) float32 network inputs for the clicks ``indices``:
-    RGB in [0, 1] (zero outside the image), inclusion map, exclusion map of
-    every other click that falls in the patch."""
-    batch = np.zeros((len(indices), 5, size, size), dtype=np.float32)
-    origins = []
-    reach = size / 2 + 4 * sigma + 1
-    for b, k in enumerate(indices):
-        ox, oy = patch_origin(xy[k, 0], xy[k, 1], size)
-        origins.append((ox, oy))
-        rgb = reader.read_region(ox, oy, size, size)
-        batch[b, :3] = rgb.transpose(2, 0, 1).astype(np.float32) / 255.0
-        near = [j for j in tree.query_ball_point(xy[k], r=reach, p=np.inf) if j != k]
-        local = to_local(all_xy[near], (ox, oy)) if near else np.zeros((0, 2))
-        batch[b, 3:] = guidance_pair(to_local(xy[k], (ox, oy)), local, size, sigma)
-    return batch, origins
+def build_inputs(patches: Sequence[ClickPatch], size: int, sigma: float) -> np.ndarray:
+    """(B, 5, size, size) float32 network inputs: RGB in [0, 1] (zero outside
+    the image), inclusion map of the click, exclusion map of its neighbours."""
+    batch = np.zeros((len(patches), 5, size, size), dtype=np.float32)
+    for b, cp in enumerate(patches):
+        batch[b, :3] = cp.rgb.transpose(2, 0, 1).astype(np.float32) / 255.0
+        batch[b, 3:] = guidance_pair(to_local(cp.xy, cp.origin), to_local(cp.neighbours, cp.origin), size, sigma)
+    return batch
 
 
 class NuClickEngine(PatchSegmenter):
@@ -79,7 +63,7 @@ class NuClickEngine(PatchSegmenter):
         self.min_size = min_size
         self.tolerance = simplify_tolerance
         self.patch_size = info.patch_size
-        self.sigma = self.guidance_sigma = info.sigma
+        self.guidance_sigma = info.sigma
 
     @classmethod
     def load(cls, weights: str | Path | None = None, device: str = "auto", **kwargs) -> NuClickEngine:
@@ -102,19 +86,12 @@ class NuClickEngine(PatchSegmenter):
     ) -> Iterator[tuple[int, PatchMask]]:
         """(click index, cleaned patch mask) for ``indices``, batch by batch;
         every click in ``clicks`` contributes to the exclusion maps."""
-        size = self.patch_size
-        xy = np.array([[c.x, c.y] for c in clicks], dtype=np.float64).reshape(-1, 2)
-        tree = cKDTree(xy) if len(xy) else None
+        patches = self.click_patches(reader, clicks, indices)
         bar = tqdm(total=len(indices), desc="nuclei", unit="nuc", disable=not progress, leave=False)
-        for start in range(0, len(indices), self.batch_size):
-            chunk = list(indices[start : start + self.batch_size])
-            batch, origins = build_inputs(reader, xy, tree, xy, chunk, size, self.sigma)
-            probs = self.predict(batch)
-            for k, origin, prob in zip(chunk, origins, probs, strict=True):
-                col, row = pixel_of(xy[k, 0], xy[k, 1])
-                seed = (row - origin[1], col - origin[0])
-                valid = valid_window(origin, size, reader.width, reader.height)
-                mask = clean_patch(prob, seed, self.threshold, self.min_size, valid)
-                yield k, PatchMask(origin, mask, prob.astype(np.float32), seed)
+        while chunk := list(islice(patches, self.batch_size)):
+            probs = self.predict(build_inputs(chunk, self.patch_size, self.guidance_sigma))
+            for cp, prob in zip(chunk, probs, strict=True):
+                mask = clean_patch(prob, cp.seed, self.threshold, self.min_size, cp.valid)
+                yield cp.index, PatchMask(cp.origin, mask, prob.astype(np.float32), cp.seed)
             bar.update(len(chunk))
         bar.close()

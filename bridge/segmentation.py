@@ -9,13 +9,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial import cKDTree
 
+from bridge.coords import patch_origin, pixel_of
 from bridge.errors import BridgeInputError
 from bridge.imageio import RegionReader
 from bridge.polygons import mask_to_polygon
 from bridge.postprocess import PatchMask, resolve_overlaps
 from bridge.results import Click, NucleusResult
-from bridge.tiling import DEFAULT_MAX_TILE, iter_tiles, plan_tiles
+from bridge.tiling import DEFAULT_MAX_TILE, guidance_reach, iter_tiles, plan_tiles
 
 
 @dataclass
@@ -86,6 +88,41 @@ def valid_window(origin: tuple[int, int], size: int, width: int, height: int) ->
     return valid
 
 
+@dataclass
+class ClickPatch:
+    """Everything a method needs about one click's patch."""
+
+    index: int  # into the clicks
+    origin: tuple[int, int]  # level-0 (x, y) of the patch's top-left pixel
+    seed: tuple[int, int]  # (row, col) of the click's pixel in the patch
+    rgb: np.ndarray  # (size, size, 3) uint8, zero outside the image
+    valid: np.ndarray  # (size, size) bool, inside the image
+    xy: np.ndarray  # (2,) level-0 click
+    neighbours: np.ndarray  # (K, 2) level-0 xy of the other clicks within reach
+
+
+def click_patches(
+    reader: RegionReader, clicks: Sequence[Click], indices: Sequence[int], size: int, reach: float
+) -> Iterator[ClickPatch]:
+    """The patch of each click in ``indices``, read from ``reader``, with every
+    other click of ``clicks`` within ``reach`` px (Chebyshev) as a neighbour."""
+    xy = np.array([[c.x, c.y] for c in clicks], dtype=np.float64).reshape(-1, 2)
+    tree = cKDTree(xy) if len(xy) else None
+    for k in indices:
+        ox, oy = patch_origin(xy[k, 0], xy[k, 1], size)
+        col, row = pixel_of(xy[k, 0], xy[k, 1])
+        near = [j for j in tree.query_ball_point(xy[k], r=reach, p=np.inf) if j != k]
+        yield ClickPatch(
+            k,
+            (ox, oy),
+            (row - oy, col - ox),
+            reader.read_region(ox, oy, size, size),
+            valid_window((ox, oy), size, reader.width, reader.height),
+            xy[k],
+            xy[near].reshape(-1, 2),
+        )
+
+
 class PatchSegmenter:
     """What every method shares: one patch per click, masks resolved against
     each other, polygons out; whole images or tile by tile.
@@ -104,6 +141,13 @@ class PatchSegmenter:
         """(index into ``clicks``, cleaned patch mask) for each of ``indices``;
         every click in ``clicks`` may act as a neighbour."""
         raise NotImplementedError
+
+    def click_patches(
+        self, reader: RegionReader, clicks: Sequence[Click], indices: Sequence[int]
+    ) -> Iterator[ClickPatch]:
+        """Patches of ``indices`` with the neighbours whose guidance reaches them."""
+        reach = guidance_reach(self.patch_size, self.guidance_sigma)
+        return click_patches(reader, clicks, indices, self.patch_size, reach)
 
     def finish(self, clicks: list[Click], masks: dict[int, PatchMask], reasons: dict[int, str]) -> Segmentation:
         keys = sorted(masks)

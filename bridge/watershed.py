@@ -44,19 +44,17 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.spatial import cKDTree
 from skimage.color import rgb2hed
 from skimage.filters import sobel, threshold_otsu
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 from tqdm import tqdm
 
-from bridge.coords import patch_origin, pixel_of
 from bridge.errors import BridgeInputError
 from bridge.imageio import RegionReader
 from bridge.postprocess import PatchMask, clean_patch
 from bridge.results import Click
-from bridge.segmentation import PatchSegmenter, valid_window
+from bridge.segmentation import PatchSegmenter
 
 CHANNELS = ("hematoxylin", "grey")
 
@@ -190,18 +188,11 @@ class WatershedSegmenter(PatchSegmenter):
     ) -> Iterator[tuple[int, PatchMask]]:
         """(click index, patch mask) for ``indices``; prob is 1 inside the mask."""
         size = self.patch_size
-        xy = np.array([[c.x, c.y] for c in clicks], dtype=np.float64).reshape(-1, 2)
-        pix = np.floor(xy).astype(np.int64)  # (col, row), as bridge.coords.pixel_of
-        tree = cKDTree(xy) if len(xy) else None
-        for k in tqdm(indices, desc="nuclei", unit="nuc", disable=not progress, leave=False):
-            ox, oy = patch_origin(xy[k, 0], xy[k, 1], size)
-            col, row = pixel_of(xy[k, 0], xy[k, 1])
-            seed = (row - oy, col - ox)
-            rgb = reader.read_region(ox, oy, size, size)
-            valid = valid_window((ox, oy), size, reader.width, reader.height)
-            near = [j for j in tree.query_ball_point(xy[k], r=size / 2 + 1, p=np.inf) if j != k]
-            local = pix[near][:, ::-1] - np.array([oy, ox]) if near else np.zeros((0, 2), dtype=np.int64)
+        patches = self.click_patches(reader, clicks, indices)
+        for cp in tqdm(patches, total=len(indices), desc="nuclei", unit="nuc", disable=not progress, leave=False):
+            ox, oy = cp.origin
+            local = np.floor(cp.neighbours).astype(np.int64)[:, ::-1] - np.array([oy, ox])  # (row, col)
             local = local[((local >= 0) & (local < size)).all(axis=1)]
-            local = local[valid[local[:, 0], local[:, 1]]]
-            mask = self.patch_mask(rgb, valid, seed, local)
-            yield k, PatchMask((ox, oy), mask, mask.astype(np.float32), seed)
+            local = local[cp.valid[local[:, 0], local[:, 1]]]
+            mask = self.patch_mask(cp.rgb, cp.valid, cp.seed, local)
+            yield cp.index, PatchMask(cp.origin, mask, mask.astype(np.float32), cp.seed)
