@@ -2,10 +2,12 @@
 on one 1000x1000 image of ../shared/data with all its nuclei clicked, for the
 default network width and the published one, in one run on this machine.
 
-Random weights are fine for speed; the shipped weights are used for the
-default width when they are installed.
+Three runs: the shipped default (width 0.25, --precision, auto by default),
+the published width in the same precision (the fair ratio), and the
+published width in fp32 as the paper ran it.  Random weights are fine for
+speed; the shipped weights are used for the default width.
 
-    python benchmarks/nuclei_per_second.py [--data ../shared/data] [--device auto]
+    python benchmarks/nuclei_per_second.py [--data ../shared/data] [--device auto] [--precision auto]
 """
 
 from __future__ import annotations
@@ -30,16 +32,15 @@ DEFAULT_WIDTH = 0.25
 PUBLISHED_WIDTH = 1.0
 
 
-def engine_for(width: float, device: torch.device, batch_size: int) -> tuple[NuClickEngine, str]:
+def engine_for(width: float, device: torch.device, batch_size: int, precision: str) -> tuple[NuClickEngine, str]:
     if width == DEFAULT_WIDTH and default_weights_path().is_file():
         model, info = load_model()
         if info.width == width:
-            return NuClickEngine(model, info, device=device, batch_size=batch_size), "shipped weights"
+            return NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision), "shipped"
     torch.manual_seed(0)
     model = NuClickNet(width)
-    return NuClickEngine(
-        model, ModelInfo("random", "bench", "", width), device=device, batch_size=batch_size
-    ), "random weights"
+    info = ModelInfo("random", "bench", "", width)
+    return NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision), "random weights"
 
 
 def run_once(engine: NuClickEngine, image: Path, clicks: list[Click]) -> float:
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--image", default="TCGA-21-5786-01Z-00-DX1")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     root = Path(args.data) / "monuseg"
@@ -72,24 +74,31 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}"
     )
     rates = {}
-    for width in (DEFAULT_WIDTH, PUBLISHED_WIDTH):
-        engine, source = engine_for(width, device, args.batch_size)
+    runs = {
+        "default": (DEFAULT_WIDTH, args.precision),
+        "published_same_precision": (PUBLISHED_WIDTH, args.precision),
+        "published_fp32": (PUBLISHED_WIDTH, "fp32"),
+    }
+    for key, (width, precision) in runs.items():
+        engine, source = engine_for(width, device, args.batch_size, precision)
         run_once(engine, image, clicks[:64])  # warm-up
         best = min(run_once(engine, image, clicks) for _ in range(args.repeats))
-        rates[width] = len(clicks) / best
+        rates[key] = len(clicks) / best
         print(
-            f"width {width:g} ({count_parameters(engine.model) / 1e6:.1f}M params, {source}): "
-            f"{best:.2f} s, {rates[width]:.1f} nuclei/s"
+            f"{key}: width {width:g} ({count_parameters(engine.model) / 1e6:.1f}M params, {source}), "
+            f"{engine.precision}: {best:.2f} s, {rates[key]:.1f} nuclei/s"
         )
-    ratio = rates[DEFAULT_WIDTH] / rates[PUBLISHED_WIDTH]
-    print(f"default/published speed ratio: {ratio:.2f}x")
+    same = rates["default"] / rates["published_same_precision"]
+    vs_fp32 = rates["default"] / rates["published_fp32"]
+    print(f"default / published, same precision: {same:.2f}x; default / published fp32: {vs_fp32:.2f}x")
     print(
         json.dumps(
             {
                 "nuclei": len(clicks),
                 "device": str(device),
-                "nuclei_per_s": {str(k): round(v, 1) for k, v in rates.items()},
-                "ratio": round(ratio, 2),
+                "nuclei_per_s": {k: round(v, 1) for k, v in rates.items()},
+                "ratio_same_precision": round(same, 2),
+                "ratio_vs_published_fp32": round(vs_fp32, 2),
             }
         )
     )

@@ -12,21 +12,13 @@ import sys
 from collections.abc import Callable
 
 from bridge import __version__
+from bridge.commands.common import add_device_options
 from bridge.errors import BridgeInputError
 
 EXIT_INPUT = 2
 EXIT_INTERNAL = 1
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device",
-        default="auto",
-        choices=("auto", "cpu", "cuda"),
-        help="where the network runs: auto picks a CUDA GPU when torch sees one (default: auto)",
-    )
 
 
 def _add_engine(p: argparse.ArgumentParser) -> None:
@@ -42,7 +34,7 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="NuClick weights file (default: the weights shipped inside the package)",
     )
-    _add_device(p)
+    add_device_options(p)
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="patches per network batch (default: 32)")
     p.add_argument(
         "--threshold",
@@ -181,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from these trained weights (fine-tuning) instead of random ones",
     )
     p.add_argument("--seed", type=int, default=0)
-    _add_device(p)
+    add_device_options(p)
     p.set_defaults(handler="bridge.commands.train:run")
     p = sub.add_parser(
         "serve",

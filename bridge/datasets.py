@@ -40,10 +40,40 @@ def split_names(root: Path, split: str | None) -> list[str]:
 
 
 def read_label_png(path: Path) -> np.ndarray:
-    arr = np.asarray(Image.open(path))
+    """A uint16 instance map (0 = background).  8-bit files are refused: they
+    are usually masks or previews saved by mistake, and cap an image at 255
+    nuclei."""
+    try:
+        arr = np.asarray(Image.open(path))
+    except Exception as exc:
+        raise BridgeInputError(f"{path.name}: not a readable PNG ({exc})") from exc
     if arr.ndim != 2:
         raise BridgeInputError(f"{path.name}: a label map must be single-channel, got shape {arr.shape}")
+    if arr.dtype != np.uint16:
+        raise BridgeInputError(
+            f"{path.name}: a label map must be a uint16 instance map (0 = background, 1..N = nuclei), got {arr.dtype}"
+        )
     return arr.astype(np.int32)
+
+
+def check_names_match(image_dir: Path, label_dir: Path) -> None:
+    """Every image has a label map and every label map an image."""
+    images = {p.stem for p in image_dir.glob("*.png")}
+    labels = {p.stem for p in label_dir.glob("*.png")}
+    for missing, have, where in ((images - labels, "image", label_dir), (labels - images, "label map", image_dir)):
+        if missing:
+            names = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
+            raise BridgeInputError(f"{len(missing)} {have}(s) without a partner in {where}: {names}")
+
+
+def check_trainable(items: list[LabelledImage]) -> None:
+    """Refuse label maps with no nuclei before any compute is spent."""
+    empty = [it.name for it in items if not it.labels.any()]
+    if empty:
+        raise BridgeInputError(
+            f"{len(empty)} label map(s) have no nuclei (all zero): {', '.join(empty[:3])}"
+            + (" ..." if len(empty) > 3 else "")
+        )
 
 
 def load_pairs(image_dir: Path, label_dir: Path, names: list[str] | None = None) -> list[LabelledImage]:
@@ -71,4 +101,6 @@ def load_pairs(image_dir: Path, label_dir: Path, names: list[str] | None = None)
 
 
 def load_split(root: Path, split: str | None) -> list[LabelledImage]:
+    if (root / "labels").is_dir() and (root / "images").is_dir():
+        check_names_match(root / "images", root / "labels")
     return load_pairs(root / "images", root / "labels", split_names(root, split))

@@ -20,6 +20,7 @@ from bridge.errors import BridgeInputError
 from bridge.guidance import guidance_pair
 from bridge.imageio import RegionReader
 from bridge.model.network import NuClickNet
+from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, resolve_device
 from bridge.postprocess import PatchMask, clean_patch
 from bridge.results import Click
@@ -37,7 +38,8 @@ def build_inputs(patches: Sequence[ClickPatch], size: int, sigma: float) -> np.n
 
 
 class NuClickEngine(PatchSegmenter):
-    """Batched NuClick inference on CPU or CUDA.
+    """Batched NuClick inference on CPU or CUDA, in half precision where the
+    hardware has it (see :mod:`bridge.model.precision`).
 
     Build it with :meth:`load` (shipped or given weights) or directly from a
     network (tests use a randomly initialised one).
@@ -52,11 +54,13 @@ class NuClickEngine(PatchSegmenter):
         threshold: float | None = None,
         min_size: int = 10,
         simplify_tolerance: float = 0.5,
+        precision: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise BridgeInputError("batch size must be at least 1")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.precision = resolve_precision(precision, self.device)
+        self.model = prepare(model, self.device).eval()
         self.info = info
         self.batch_size = batch_size
         self.threshold = info.threshold if threshold is None else threshold
@@ -73,11 +77,8 @@ class NuClickEngine(PatchSegmenter):
     @torch.inference_mode()
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (B, size, size) for network inputs (B, 5, size, size)."""
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                logits = self.model(x)
-        else:
+        x = as_input(torch.from_numpy(batch), self.device)
+        with autocast(self.device, self.precision):
             logits = self.model(x)
         return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
 

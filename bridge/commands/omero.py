@@ -13,6 +13,7 @@ import os
 import re
 import sys
 
+from bridge.commands.common import add_device_options
 from bridge.errors import BridgeInputError
 
 DEFAULT_PASSWORD_ENV = "OMERO_PASSWORD"
@@ -86,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="nuclick (the trained network, default) or watershed (the paper's baseline, no weights needed)",
     )
     eng.add_argument("--weights", default=None, metavar="FILE", help="NuClick weights file (default: shipped)")
-    eng.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+    add_device_options(eng)
     eng.add_argument("--batch-size", type=int, default=32, metavar="N", help="patches per network batch")
     eng.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
     eng.add_argument("--tolerance", type=float, default=0.5, help="polygon simplification in px (default: 0.5)")

@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from bridge.commands.common import add_device_options
+
 
 def _add_project(p: argparse.ArgumentParser) -> None:
     p.add_argument("project", metavar="PROJECT", help="a QuPath project: its project.qpproj or its folder")
@@ -54,12 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="nuclick (the trained network, default) or watershed (the paper's baseline, no weights needed)",
     )
     p.add_argument("--weights", default=None, metavar="FILE", help="NuClick weights (default: the shipped ones)")
-    p.add_argument(
-        "--device",
-        default="auto",
-        choices=("auto", "cpu", "cuda"),
-        help="where the network runs: auto picks a CUDA GPU when torch sees one (default: auto)",
-    )
+    add_device_options(p)
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="patches per network batch (default: 32)")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from bridge.commands.common import add_device_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``serve`` (the subparser itself is registered in bridge.cli)."""
@@ -21,12 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="NuClick weights file (default: the weights shipped inside the package)",
     )
-    p.add_argument(
-        "--device",
-        default="auto",
-        choices=("auto", "cpu", "cuda"),
-        help="where the network runs: auto picks a CUDA GPU when torch sees one (default: auto)",
-    )
+    add_device_options(p)
     p.add_argument(
         "--max-batch", type=int, default=32, metavar="N", help="patches per network batch, across clients (default: 32)"
     )
@@ -84,7 +81,7 @@ def build_server(args: argparse.Namespace):
     limits.check()
     token = read_token_file(args.token_file) if args.token_file else None
     tls = read_tls(args.tls_cert, args.tls_key)
-    engine = NuClickEngine.load(args.weights, device=args.device, batch_size=args.max_batch)
+    engine = NuClickEngine.load(args.weights, device=args.device, batch_size=args.max_batch, precision=args.precision)
     return NuClickServer(
         engine,
         host=args.host,

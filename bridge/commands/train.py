@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from bridge.datasets import load_split
+from bridge.datasets import check_trainable, load_split
 from bridge.errors import BridgeInputError
 
 
@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
         if args.val_split:
             items = load_split(r, args.val_split)
             val[r.name] = items[: args.val_limit] if args.val_limit else items
+    check_trainable(train_items)
+    for items in val.values():
+        check_trainable(items)
     cfg = TrainConfig(
         width=args.width,
         epochs=args.epochs,
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         samples_per_epoch=args.samples_per_epoch,
         seed=args.seed,
         threads=args.threads,
+        precision=args.precision,
     )
     meta = {
         "name": f"nuclick-w{args.width:g}",

@@ -20,6 +20,7 @@ from bridge.datasets import LabelledImage
 from bridge.engine import NuClickEngine
 from bridge.evaluate import evaluate
 from bridge.model.network import NuClickNet
+from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, save_weights
 from bridge.train.data import NucleusPatches
 from bridge.train.loss import nuclick_loss
@@ -42,6 +43,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    precision: str = "auto"  # autocast: bf16 on a CPU that has it, fp16 on CUDA
 
 
 def _checkpoint(path: Path, model, opt, sched, state: dict, cfg: TrainConfig) -> None:
@@ -62,7 +64,7 @@ def _checkpoint(path: Path, model, opt, sched, state: dict, cfg: TrainConfig) ->
 def validate(model: NuClickNet, cfg: TrainConfig, val: dict[str, list[LabelledImage]], device) -> dict:
     """Validation metrics per dataset with the inference engine itself."""
     info = ModelInfo("val", "val", "", cfg.width, cfg.patch_size, cfg.sigma)
-    engine = NuClickEngine(model, info, device=device, batch_size=64)
+    engine = NuClickEngine(model, info, device=device, batch_size=64, precision=cfg.precision)
     out = {}
     for name, items in val.items():
         rep = evaluate(items, engine.segment, jitter=cfg.val_jitter, seed=cfg.val_seed, progress=False)
@@ -92,12 +94,9 @@ def train(
     ds = NucleusPatches(train_items, cfg.patch_size, cfg.sigma, cfg.jitter, seed=cfg.seed)
     per_epoch = cfg.samples_per_epoch or len(ds)
     steps_per_epoch = max(1, per_epoch // cfg.batch_size)
-    model = NuClickNet(cfg.width).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    precision = resolve_precision(cfg.precision, device, training=True)
+    model = NuClickNet(cfg.width)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total))))
-    )
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_aji": -1.0, "history": []}
     if init is not None:  # fine-tune from trained weights; a checkpoint of this run still wins below
         from bridge.model.weights import load_model
@@ -107,6 +106,11 @@ def train(
             raise ValueError(f"--init weights have width {start_info.width:g}, not {cfg.width:g}")
         model.load_state_dict(start_model.state_dict())
         log.info("starting from the weights in %s", init)
+    model = prepare(model, device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total))))
+    )
     src = resume if resume is not None else (ckpt_path if ckpt_path.is_file() else None)
     if src is not None:
         blob = torch.load(src, map_location="cpu", weights_only=False)
@@ -116,11 +120,12 @@ def train(
         state = blob["state"]
         log.info("resumed from %s at epoch %d step %d", src, state["epoch"], state["step_in_epoch"])
     log.info(
-        "training on %d nuclei, %d steps/epoch, %d epochs, device %s",
+        "training on %d nuclei, %d steps/epoch, %d epochs, device %s, precision %s",
         len(ds),
         steps_per_epoch,
         cfg.epochs,
         device,
+        precision,
     )
     model.train()
     while state["epoch"] < cfg.epochs:
@@ -147,8 +152,10 @@ def train(
         )
         run_loss, t0 = 0.0, time.time()
         for x, y, w in bar:
-            x, y, w = x.to(device), y.to(device), w.to(device)
-            loss = nuclick_loss(model(x), y, w)
+            x, y, w = as_input(x, device), y.to(device), w.to(device)
+            with autocast(device, precision):
+                logits = model(x)
+            loss = nuclick_loss(logits.float(), y, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,143 @@
+"""Training, on real CoNSeP tiles: the paper's samples and loss, a network
+that learns, checkpoints that resume, and bad data refused before any
+compute is spent."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bridge.cli import main
+from bridge.datasets import load_split
+from bridge.model.network import NuClickNet
+from bridge.model.weights import load_model
+from bridge.train.data import NEIGHBOUR_WEIGHT, NucleusPatches, sample_index
+from bridge.train.loop import TrainConfig, train
+from bridge.train.loss import nuclick_loss
+
+TILES = ("train_1_000", "train_1_001", "test_1_000")
+
+
+@pytest.fixture(scope="module")
+def tiny_set(data_root, tmp_path_factory):
+    """Three real CoNSeP tiles: two to train on, one to validate on."""
+    root = tmp_path_factory.mktemp("tiny")
+    for sub in ("images", "labels"):
+        (root / sub).mkdir()
+        for stem in TILES:
+            shutil.copy(data_root / "consep_tiles" / sub / f"{stem}.png", root / sub / f"{stem}.png")
+    (root / "split.json").write_text(json.dumps({"train": list(TILES[:2]), "val": [TILES[2]]}))
+    return root
+
+
+def test_samples_follow_the_paper(tiny_set):
+    items = load_split(tiny_set, "train")
+    index = sample_index(items)
+    for i, inst, _, _ in index:  # nuclei cut by the tile edge are never clicked
+        rr, cc = np.nonzero(items[i].labels == inst)
+        assert rr.min() > 0 and cc.min() > 0 and rr.max() < 255 and cc.max() < 255
+    ds = NucleusPatches(items, size=128, sigma=2.0, jitter=5.0, drop_neighbour=0.0, seed=0)
+    for k in range(0, len(ds), max(1, len(ds) // 12)):
+        x, y, w = (t.numpy() for t in ds[k])
+        assert x.shape == (5, 128, 128) and y.shape == w.shape == (1, 128, 128)
+        target = y[0] > 0
+        peak = np.unravel_index(np.argmax(x[3]), x[3].shape)
+        assert target[peak], "the inclusion click lies inside the clicked nucleus"
+        neighbours = w[0] == NEIGHBOUR_WEIGHT
+        assert not (neighbours & target).any()
+        assert set(np.unique(w[0])) <= {1.0, NEIGHBOUR_WEIGHT}
+        if neighbours.any():  # exclusion clicks land on neighbours, never on the target
+            ex = x[4] > 0.99
+            assert ex.any() and not (ex & target).any() and (ex & neighbours).any()
+    a, b = ds[3], ds[3]
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True)), "samples are reproducible"
+    ds.epoch = 1
+    assert not torch.equal(ds[3][0], a[0]), "clicks and augmentation change every epoch"
+
+
+def test_loss_punishes_leaking_into_a_neighbour_ten_times_harder():
+    target = torch.zeros(1, 1, 32, 32)
+    target[..., 8:16, 8:16] = 1
+    weights = torch.ones_like(target)
+    weights[..., 16:24, 8:16] = NEIGHBOUR_WEIGHT  # the neighbour just below
+    perfect = (target * 2 - 1) * 20
+    assert nuclick_loss(perfect, target, weights).item() < 1e-3
+    into_neighbour = perfect.clone()
+    into_neighbour[..., 16:18, 8:16] = 20
+    into_background = perfect.clone()
+    into_background[..., 8:16, 16:18] = 20
+    leak_n = nuclick_loss(into_neighbour, target, weights).item()
+    leak_b = nuclick_loss(into_background, target, weights).item()
+    assert leak_n > 2 * leak_b > 0
+
+
+def test_network_learns_real_nuclei(tiny_set):
+    """Thirty steps on one real batch bring the paper's loss well down."""
+    torch.manual_seed(0)
+    ds = NucleusPatches(load_split(tiny_set, "train"), seed=0)
+    x, y, w = (torch.stack(t) for t in zip(*(ds[k] for k in range(8)), strict=True))
+    model = NuClickNet(0.125)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = nuclick_loss(model(x), y, w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
+
+
+def test_training_checkpoints_resumes_and_writes_loadable_weights(tiny_set, tmp_path):
+    train_items = load_split(tiny_set, "train")
+    val = {"tiny": load_split(tiny_set, "val")}
+    out = tmp_path / "w.pt"
+    cfg = TrainConfig(width=0.125, epochs=1, batch_size=4, samples_per_epoch=8, checkpoint_every=1, threads=2)
+    state = train(cfg, train_items, val, out, torch.device("cpu"), meta={"name": "tiny"})
+    assert state["epoch"] == 1 and state["step"] == 2
+    assert out.is_file() and out.with_suffix(".ckpt").is_file()
+    first = torch.load(out.with_suffix(".ckpt"), weights_only=False)["model"]
+    # a later session asks for two epochs: the run goes on from epoch 1, not from scratch
+    cfg.epochs = 2
+    state = train(cfg, train_items, val, out, torch.device("cpu"), meta={"name": "tiny"})
+    assert state["epoch"] == 2 and state["step"] == 4
+    records = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert 0.0 <= records[-1]["val"]["tiny"]["aji"] <= 1.0 and records[-1]["val"]["tiny"]["nuclei"] > 0
+    second = torch.load(out.with_suffix(".ckpt"), weights_only=False)["model"]
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    model, info = load_model(out)
+    assert info.name == "tiny" and info.width == 0.125 and model.width == 0.125
+
+
+def _train_cli(root, tmp_path, capsys):
+    rc = main(["train", "--data", str(root), "--out", str(tmp_path / "w.pt"), "--epochs", "1"])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("fault", ["extra_label", "missing_label", "empty", "uint8"])
+def test_bad_training_data_stops_before_any_compute(tiny_set, tmp_path, capsys, fault):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_set, root)
+    stem = TILES[0]
+    if fault == "extra_label":
+        shutil.copy(root / "labels" / f"{stem}.png", root / "labels" / "stray.png")
+        needle = "stray"
+    elif fault == "missing_label":
+        (root / "labels" / f"{stem}.png").unlink()
+        needle = stem
+    elif fault == "empty":
+        Image.fromarray(np.zeros((256, 256), np.uint16)).save(root / "labels" / f"{stem}.png")
+        needle = "no nuclei"
+    else:
+        lab = np.asarray(Image.open(root / "labels" / f"{stem}.png"))
+        Image.fromarray((lab % 255).astype(np.uint8)).save(root / "labels" / f"{stem}.png")
+        needle = "uint16"
+    rc, err = _train_cli(root, tmp_path, capsys)
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not list(tmp_path.glob("w.*")), "nothing was trained or written"
