@@ -42,6 +42,14 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         default=None,
         help="probability threshold (default: the model's, 0.4 as published)",
     )
+    p.add_argument(
+        "--tta",
+        type=int,
+        default=1,
+        choices=(1, 2, 4, 8),
+        help="test-time augmentation: average over this many flips/rotations of each patch; "
+        "costs that many times the network time for about +0.003 AJI (default: 1, off)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,41 @@ from bridge.results import Click
 from bridge.segmentation import ClickPatch, PatchSegmenter
 
 
+def _flip(*dims: int):
+    return lambda t: torch.flip(t, dims)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(2, 3)
+
+
+def _swap_flip(*dims: int):
+    return lambda t: torch.flip(t.transpose(2, 3), dims)
+
+
+def _flip_swap(*dims: int):
+    return lambda t: torch.flip(t, dims).transpose(2, 3)
+
+
+# Test-time augmentation: (view, its inverse) pairs of the square's symmetries;
+# the guidance maps turn with the image, so every view is a valid NuClick input.
+_VIEWS = [
+    (_same, _same),
+    (_flip(3), _flip(3)),
+    (_flip(2), _flip(2)),
+    (_flip(2, 3), _flip(2, 3)),
+    (_swap, _swap),
+    (_swap_flip(3), _flip_swap(3)),
+    (_swap_flip(2), _flip_swap(2)),
+    (_swap_flip(2, 3), _flip_swap(2, 3)),
+]
+TTA_VIEWS = {n: _VIEWS[:n] for n in (1, 2, 4, 8)}
+
+
 def build_inputs(patches: Sequence[ClickPatch], size: int, sigma: float) -> np.ndarray:
     """(B, 5, size, size) float32 network inputs: RGB in [0, 1] (zero outside
     the image), inclusion map of the click, exclusion map of its neighbours."""
@@ -55,10 +90,14 @@ class NuClickEngine(PatchSegmenter):
         min_size: int = 10,
         simplify_tolerance: float = 0.5,
         precision: str = "auto",
+        tta: int = 1,
     ) -> None:
         if batch_size < 1:
             raise BridgeInputError("batch size must be at least 1")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        if tta not in TTA_VIEWS:
+            raise BridgeInputError(f"test-time augmentation takes 1, 2, 4 or 8 views, not {tta}")
+        self.tta = tta
         self.precision = resolve_precision(precision, self.device)
         self.model = prepare(model, self.device).eval()
         self.info = info
@@ -78,9 +117,12 @@ class NuClickEngine(PatchSegmenter):
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (B, size, size) for network inputs (B, 5, size, size)."""
         x = as_input(torch.from_numpy(batch), self.device)
-        with autocast(self.device, self.precision):
-            logits = self.model(x)
-        return torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+        prob = torch.zeros(x.shape[0], x.shape[2], x.shape[3], device=self.device)
+        for view, undo in TTA_VIEWS[self.tta]:
+            with autocast(self.device, self.precision):
+                logits = self.model(view(x))
+            prob += undo(torch.sigmoid(logits.float()))[:, 0]
+        return (prob / self.tta).cpu().numpy()
 
     def iter_patches(
         self, reader: RegionReader, clicks: Sequence[Click], indices: Sequence[int], progress: bool = False

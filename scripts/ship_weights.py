@@ -32,13 +32,15 @@ def main() -> None:
     ap.add_argument("weights", type=Path)
     ap.add_argument("--command", required=True, help="the exact training command(s), for the card")
     ap.add_argument("--notes", default="", help="anything else the reader must know")
+    ap.add_argument("--choices", type=Path, help="markdown file: how width, threshold, epochs were chosen")
+    ap.add_argument("--precision", default="auto", help="precision of the validation run (default: auto)")
     args = ap.parse_args()
     dest = DEST / DEFAULT_WEIGHTS_NAME
     shutil.copyfile(args.weights, dest)
     model, info = load_model(dest)
     blob = torch.load(dest, map_location="cpu", weights_only=True)
     meta = blob.get("meta", {})
-    engine = NuClickEngine(model, info, device="auto", batch_size=64)
+    engine = NuClickEngine(model, info, device="auto", batch_size=64, precision=args.precision)
     val = {}
     for name in ("monuseg", "consep_tiles"):
         items = load_split(DATA / name, "val")
@@ -61,6 +63,7 @@ def main() -> None:
         "train_config": meta.get("train_config"),
         "train_split": meta.get("train_split"),
         "code_commit": meta.get("code_commit"),
+        "validation_precision": engine.precision,
         "validation_jitter5_seed0": val,
     }
     (DEST / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -69,6 +72,7 @@ def main() -> None:
         f"| {m['sq']:.4f} | {m['dq']:.4f} | {m['pq']:.4f} |"
         for n, m in val.items()
     )
+    choices = "\n" + args.choices.read_text().strip() + "\n" if args.choices else ""
     text = f"""# Model card: {info.name}
 
 - **What**: NuClick (Koohbanani et al., Medical Image Analysis 2020), click-guided nucleus segmentation;
@@ -90,12 +94,12 @@ def main() -> None:
   ```
 {("- **Notes**: " + args.notes) if args.notes else ""}
 
-## Validation (`nuclick-bridge evaluate --split val --jitter 5 --seed 0`)
+## Validation (`nuclick-bridge evaluate --split val --jitter 5 --seed 0`, {engine.precision} on {engine.device.type})
 
 | dataset | images | nuclei | AJI | Dice | object Dice | SQ | DQ | PQ |
 |---|---|---|---|---|---|---|---|---|
 {rows}
-
+{choices}
 ## Licence
 
 The training data is CC BY-NC-SA 4.0 (MoNuSeg) and research/non-commercial (CoNSeP tiles), so these

@@ -50,4 +50,5 @@ def make_segmenter(args: argparse.Namespace):
         threshold=args.threshold,
         simplify_tolerance=tolerance,
         precision=args.precision,
+        tta=getattr(args, "tta", 1),
     )
