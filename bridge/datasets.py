@@ -66,14 +66,14 @@ def check_names_match(image_dir: Path, label_dir: Path) -> None:
             raise BridgeInputError(f"{len(missing)} {have}(s) without a partner in {where}: {names}")
 
 
-def check_trainable(items: list[LabelledImage]) -> None:
-    """Refuse label maps with no nuclei before any compute is spent."""
+def check_trainable(root: Path, items: list[LabelledImage]) -> list[str]:
+    """Refuse a dataset whose label maps hold no nuclei at all, before any
+    compute is spent.  Single empty maps are legitimate (CoNSeP has
+    background-only tiles); their names are returned so the caller can say so."""
     empty = [it.name for it in items if not it.labels.any()]
-    if empty:
-        raise BridgeInputError(
-            f"{len(empty)} label map(s) have no nuclei (all zero): {', '.join(empty[:3])}"
-            + (" ..." if len(empty) > 3 else "")
-        )
+    if items and len(empty) == len(items):
+        raise BridgeInputError(f"no label map under {root / 'labels'} has any nuclei (all zero)")
+    return empty
 
 
 def load_pairs(image_dir: Path, label_dir: Path, names: list[str] | None = None) -> list[LabelledImage]:

@@ -115,6 +115,16 @@ def test_training_checkpoints_resumes_and_writes_loadable_weights(tiny_set, tmp_
     assert info.name == "tiny" and info.width == 0.125 and model.width == 0.125
 
 
+def test_one_empty_tile_among_labelled_ones_is_fine(tiny_set, tmp_path):
+    """Background-only tiles are real (CoNSeP has them): they are named, not refused."""
+    from bridge.datasets import check_trainable
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_set, root)
+    Image.fromarray(np.zeros((256, 256), np.uint16)).save(root / "labels" / f"{TILES[0]}.png")
+    assert check_trainable(root, load_split(root, "train")) == [TILES[0]]
+
+
 def _train_cli(root, tmp_path, capsys):
     rc = main(["train", "--data", str(root), "--out", str(tmp_path / "w.pt"), "--epochs", "1"])
     return rc, capsys.readouterr().err.strip().splitlines()
@@ -132,8 +142,9 @@ def test_bad_training_data_stops_before_any_compute(tiny_set, tmp_path, capsys, 
         (root / "labels" / f"{stem}.png").unlink()
         needle = stem
     elif fault == "empty":
-        Image.fromarray(np.zeros((256, 256), np.uint16)).save(root / "labels" / f"{stem}.png")
-        needle = "no nuclei"
+        for p in (root / "labels").glob("*.png"):
+            Image.fromarray(np.zeros((256, 256), np.uint16)).save(p)
+        needle = "has any nuclei"
     else:
         lab = np.asarray(Image.open(root / "labels" / f"{stem}.png"))
         Image.fromarray((lab % 255).astype(np.uint8)).save(root / "labels" / f"{stem}.png")

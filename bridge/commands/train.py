@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from bridge.datasets import check_trainable, load_split
@@ -29,13 +30,15 @@ def run(args: argparse.Namespace) -> int:
     train_items = []
     val = {}
     for r in roots:
-        train_items += load_split(r, args.train_split)
+        items = load_split(r, args.train_split)
+        empty = check_trainable(r, items)
+        if empty:
+            print(f"note: {len(empty)} {r.name} label map(s) have no nuclei and add no samples", file=sys.stderr)
+        train_items += items
         if args.val_split:
             items = load_split(r, args.val_split)
+            check_trainable(r, items)
             val[r.name] = items[: args.val_limit] if args.val_limit else items
-    check_trainable(train_items)
-    for items in val.values():
-        check_trainable(items)
     cfg = TrainConfig(
         width=args.width,
         epochs=args.epochs,
