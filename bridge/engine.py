@@ -8,6 +8,7 @@ and knows nothing about QuPath, OMERO or the network protocol.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -26,39 +27,32 @@ from bridge.postprocess import PatchMask, clean_patch
 from bridge.results import Click
 from bridge.segmentation import ClickPatch, PatchSegmenter
 
-
-def _flip(*dims: int):
-    return lambda t: torch.flip(t, dims)
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _swap(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(2, 3)
-
-
-def _swap_flip(*dims: int):
-    return lambda t: torch.flip(t.transpose(2, 3), dims)
-
-
-def _flip_swap(*dims: int):
-    return lambda t: torch.flip(t, dims).transpose(2, 3)
-
-
-# Test-time augmentation: (view, its inverse) pairs of the square's symmetries;
-# the guidance maps turn with the image, so every view is a valid NuClick input.
-_VIEWS = [
-    (_same, _same),
-    (_flip(3), _flip(3)),
-    (_flip(2), _flip(2)),
-    (_flip(2, 3), _flip(2, 3)),
-    (_swap, _swap),
-    (_swap_flip(3), _flip_swap(3)),
-    (_swap_flip(2), _flip_swap(2)),
-    (_swap_flip(2, 3), _flip_swap(2, 3)),
+# Test-time augmentation: the square's eight symmetries as (flipped dims,
+# then transposed?); the guidance maps turn with the image, so every view is a
+# valid NuClick input.  The first 1, 2 or 4 are what --tta 1/2/4 use.
+_SYMMETRIES: list[tuple[tuple[int, ...], bool]] = [
+    ((), False),
+    ((3,), False),
+    ((2,), False),
+    ((2, 3), False),
+    ((), True),
+    ((3,), True),
+    ((2,), True),
+    ((2, 3), True),
 ]
+
+
+def _view(t: torch.Tensor, flips: tuple[int, ...], swap: bool) -> torch.Tensor:
+    t = torch.flip(t, flips) if flips else t
+    return t.transpose(2, 3) if swap else t
+
+
+def _undo(t: torch.Tensor, flips: tuple[int, ...], swap: bool) -> torch.Tensor:
+    t = t.transpose(2, 3) if swap else t
+    return torch.flip(t, flips) if flips else t
+
+
+_VIEWS = [(partial(_view, flips=f, swap=s), partial(_undo, flips=f, swap=s)) for f, s in _SYMMETRIES]
 TTA_VIEWS = {n: _VIEWS[:n] for n in (1, 2, 4, 8)}
 
 
