@@ -152,3 +152,14 @@ def test_bad_training_data_stops_before_any_compute(tiny_set, tmp_path, capsys, 
     rc, err = _train_cli(root, tmp_path, capsys)
     assert rc == 2 and len(err) == 1 and needle in err[0], err
     assert not list(tmp_path.glob("w.*")), "nothing was trained or written"
+
+
+def test_init_weights_of_another_width_are_refused_before_training(tiny_set, tmp_path):
+    from bridge.errors import BridgeInputError
+    from bridge.model.weights import default_weights_path
+
+    cfg = TrainConfig(width=0.125, epochs=1, batch_size=4, samples_per_epoch=8)
+    out = tmp_path / "w.pt"
+    with pytest.raises(BridgeInputError, match=r"width 0\.25, not 0\.125"):
+        train(cfg, load_split(tiny_set, "train"), {}, out, torch.device("cpu"), init=default_weights_path())
+    assert not out.exists() and not out.with_suffix(".ckpt").exists()

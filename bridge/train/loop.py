@@ -18,10 +18,11 @@ from tqdm import tqdm
 
 from bridge.datasets import LabelledImage
 from bridge.engine import NuClickEngine
+from bridge.errors import BridgeInputError
 from bridge.evaluate import evaluate
 from bridge.model.network import NuClickNet
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
-from bridge.model.weights import ModelInfo, save_weights
+from bridge.model.weights import ModelInfo, load_model, save_weights
 from bridge.train.data import NucleusPatches
 from bridge.train.loss import nuclick_loss
 
@@ -98,12 +99,11 @@ def train(
     model = NuClickNet(cfg.width)
     total = steps_per_epoch * cfg.epochs
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_aji": -1.0, "history": []}
-    if init is not None:  # fine-tune from trained weights; a checkpoint of this run still wins below
-        from bridge.model.weights import load_model
-
+    src = resume if resume is not None else (ckpt_path if ckpt_path.is_file() else None)
+    if init is not None and src is None:  # fine-tune from trained weights; a checkpoint of this run wins
         start_model, start_info = load_model(init)
         if start_info.width != cfg.width:
-            raise ValueError(f"--init weights have width {start_info.width:g}, not {cfg.width:g}")
+            raise BridgeInputError(f"--init weights {init.name} have width {start_info.width:g}, not {cfg.width:g}")
         model.load_state_dict(start_model.state_dict())
         log.info("starting from the weights in %s", init)
     model = prepare(model, device)
@@ -111,7 +111,6 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total))))
     )
-    src = resume if resume is not None else (ckpt_path if ckpt_path.is_file() else None)
     if src is not None:
         blob = torch.load(src, map_location="cpu", weights_only=False)
         model.load_state_dict(blob["model"])
