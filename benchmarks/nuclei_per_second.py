@@ -25,6 +25,7 @@ from bridge.clicks import simulate_clicks
 from bridge.engine import NuClickEngine
 from bridge.imageio import open_image
 from bridge.model.network import NuClickNet, count_parameters
+from bridge.model.precision import PRECISIONS
 from bridge.model.weights import ModelInfo, default_weights_path, load_model, resolve_device
 from bridge.results import Click
 
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--image", default="TCGA-21-5786-01Z-00-DX1")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     root = Path(args.data) / "monuseg"

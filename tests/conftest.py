@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +33,16 @@ def crop_pair(monuseg_pair) -> tuple[np.ndarray, np.ndarray]:
     """A 256x256 crop, small enough for CPU tests."""
     img, lab = monuseg_pair
     return np.ascontiguousarray(img[300:556, 400:656]), np.ascontiguousarray(lab[300:556, 400:656])
+
+
+@pytest.fixture
+def cli(capsys):
+    """``main()`` in this process (no interpreter start-up), with its exit code and output."""
+    from bridge.cli import main
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out, err)
+
+    return call

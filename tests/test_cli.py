@@ -14,7 +14,6 @@ import tifffile
 from PIL import Image
 from shapely.geometry import Point, shape
 
-from bridge.cli import main
 from bridge.clicks import simulate_clicks
 
 CLI = [sys.executable, "-m", "bridge.cli"]
@@ -23,18 +22,6 @@ CLI = [sys.executable, "-m", "bridge.cli"]
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The real console entry point in a fresh interpreter."""
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def cli(capsys):
-    """``main()`` in this process (no interpreter start-up), with its exit code and output."""
-
-    def call(*args: str) -> subprocess.CompletedProcess:
-        rc = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, rc, out, err)
-
-    return call
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:

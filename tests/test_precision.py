@@ -61,30 +61,26 @@ def test_bf16_gives_the_fp32_nuclei_on_real_data(crop_pair):
     assert np.count_nonzero(maps["bf16"]) > 0
 
 
-def test_cli_refuses_fp16_on_cpu_in_one_line(crop_pair, tmp_path, capsys):
+def test_cli_refuses_fp16_on_cpu_in_one_line(crop_pair, tmp_path, cli):
     from PIL import Image
-
-    from bridge.cli import main
 
     img, _ = crop_pair
     Image.fromarray(img).save(tmp_path / "c.png")
     (tmp_path / "c.csv").write_text("x,y\n100,100\n")
-    rc = main(
-        [
-            "segment",
-            str(tmp_path / "c.png"),
-            "--points",
-            str(tmp_path / "c.csv"),
-            "--out",
-            str(tmp_path / "o.geojson"),
-            "--device",
-            "cpu",
-            "--precision",
-            "fp16",
-        ]
+    proc = cli(
+        "segment",
+        tmp_path / "c.png",
+        "--points",
+        tmp_path / "c.csv",
+        "--out",
+        tmp_path / "o.geojson",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp16",
     )
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "fp16 needs a CUDA GPU" in err[0], err
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "fp16 needs a CUDA GPU" in err[0], err
     assert not (tmp_path / "o.geojson").exists()
 
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from bridge.cli import main
 from bridge.datasets import load_split
 from bridge.model.network import NuClickNet
 from bridge.model.weights import load_model
@@ -125,13 +124,8 @@ def test_one_empty_tile_among_labelled_ones_is_fine(tiny_set, tmp_path):
     assert check_trainable(root, load_split(root, "train")) == [TILES[0]]
 
 
-def _train_cli(root, tmp_path, capsys):
-    rc = main(["train", "--data", str(root), "--out", str(tmp_path / "w.pt"), "--epochs", "1"])
-    return rc, capsys.readouterr().err.strip().splitlines()
-
-
 @pytest.mark.parametrize("fault", ["extra_label", "missing_label", "empty", "uint8"])
-def test_bad_training_data_stops_before_any_compute(tiny_set, tmp_path, capsys, fault):
+def test_bad_training_data_stops_before_any_compute(tiny_set, tmp_path, cli, fault):
     root = tmp_path / "data"
     shutil.copytree(tiny_set, root)
     stem = TILES[0]
@@ -149,8 +143,9 @@ def test_bad_training_data_stops_before_any_compute(tiny_set, tmp_path, capsys, 
         lab = np.asarray(Image.open(root / "labels" / f"{stem}.png"))
         Image.fromarray((lab % 255).astype(np.uint8)).save(root / "labels" / f"{stem}.png")
         needle = "uint16"
-    rc, err = _train_cli(root, tmp_path, capsys)
-    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    proc = cli("train", "--data", root, "--out", tmp_path / "w.pt", "--epochs", "1")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and needle in err[0], err
     assert not list(tmp_path.glob("w.*")), "nothing was trained or written"
 
 
