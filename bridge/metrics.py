@@ -19,6 +19,7 @@ Ties (two candidates with the same IoU or overlap) go to the lowest id, as
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -234,6 +235,59 @@ def pq_parts(gt: np.ndarray | Overlap, pred: np.ndarray | None = None) -> tuple[
     dq = tp / (tp + 0.5 * fp + 0.5 * fn)
     sq = float((ov.pair_inter[matched] / union[matched]).mean()) if tp else 0.0
     return dq, sq, dq * sq
+
+
+@dataclass(frozen=True)
+class SizeBin:
+    """How well GT nuclei of one size range were found (see :func:`by_size`)."""
+
+    lo: float
+    hi: float
+    count: int
+    mean_iou: float  # best IoU of each GT nucleus with any prediction (0 if none)
+    missed: float  # fraction with best IoU <= 0.5 (not a PQ match)
+    too_small: float  # of the missed ones, the fraction whose best prediction is smaller than the GT
+
+
+# Nucleus areas in level-0 pixels at 40x: tiny lymphocytes up to large tumour nuclei.
+SIZE_EDGES = (0, 100, 200, 400, 800, 1600, np.inf)
+
+
+def by_size(pairs: Sequence[tuple[np.ndarray, np.ndarray]], edges: Sequence[float] = SIZE_EDGES) -> list[SizeBin]:
+    """Accuracy per GT nucleus size over (gt, pred) image pairs: the model
+    card's "where it fails" table, because a mean hides a size bias (small
+    nuclei drawn too big, large ones too small)."""
+    areas, ious, ratios = [], [], []
+    for gt, pred in pairs:
+        ov = overlap(gt, pred)
+        best_iou = np.zeros(ov.n_gt)
+        ratio = np.zeros(ov.n_gt)
+        if len(ov.pair_gt):
+            iou = ov.pair_inter / ov.pair_union
+            best = _best_per(ov.pair_gt, ov.pair_pred, iou)
+            owner = ov.pair_gt[best]
+            best_iou[owner] = iou[best]
+            ratio[owner] = ov.pred_area[ov.pair_pred[best]] / ov.gt_area[owner]
+        areas.append(ov.gt_area)
+        ious.append(best_iou)
+        ratios.append(ratio)
+    area, iou, ratio = (np.concatenate(a) if a else np.zeros(0) for a in (areas, ious, ratios))
+    out = []
+    for lo, hi in itertools.pairwise(edges):
+        sel = (area >= lo) & (area < hi)
+        n = int(sel.sum())
+        miss = sel & (iou <= 0.5)
+        out.append(
+            SizeBin(
+                lo=float(lo),
+                hi=float(hi),
+                count=n,
+                mean_iou=float(iou[sel].mean()) if n else float("nan"),
+                missed=float(miss.sum() / n) if n else float("nan"),
+                too_small=float((ratio[miss] < 1).mean()) if miss.any() else float("nan"),
+            )
+        )
+    return out
 
 
 def scores(gt: np.ndarray, pred: np.ndarray) -> Scores:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,12 +21,18 @@ import torch
 from bridge.datasets import load_split
 from bridge.engine import NuClickEngine
 from bridge.evaluate import evaluate
+from bridge.metrics import by_size
 from bridge.model.network import count_parameters
 from bridge.model.weights import DEFAULT_WEIGHTS_NAME, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 DEST = ROOT / "bridge" / "weights"
+
+
+def _finite(d: dict) -> dict:
+    """JSON has no inf/NaN: an open upper bound or an empty bin becomes null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 def main() -> None:
@@ -41,13 +49,12 @@ def main() -> None:
     blob = torch.load(dest, map_location="cpu", weights_only=True)
     meta = blob.get("meta", {})
     engine = NuClickEngine(model, info, device="auto", batch_size=64, precision=args.precision)
-    val = {}
+    val, sizes = {}, {}
     for name in ("monuseg", "consep_tiles"):
         items = load_split(DATA / name, "val")
-        val[name] = {
-            k: (round(v, 4) if isinstance(v, float) else v)
-            for k, v in evaluate(items, engine.segment, jitter=5, seed=0).summary.items()
-        }
+        report = evaluate(items, engine.segment, jitter=5, seed=0, keep_predictions=True)
+        val[name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.summary.items()}
+        sizes[name] = by_size([(it.labels, report.predictions[it.name]) for it in items])
         print(name, json.dumps(val[name]))
     card = {
         "name": info.name,
@@ -65,12 +72,20 @@ def main() -> None:
         "code_commit": meta.get("code_commit"),
         "validation_precision": engine.precision,
         "validation_jitter5_seed0": val,
+        "validation_by_nucleus_area": {n: [_finite(asdict(b)) for b in bins] for n, bins in sizes.items()},
     }
     (DEST / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     rows = "\n".join(
         f"| {n} | {m['images']} | {m['nuclei']} | {m['aji']:.4f} | {m['dice']:.4f} | {m['dice_obj']:.4f} "
         f"| {m['sq']:.4f} | {m['dq']:.4f} | {m['pq']:.4f} |"
         for n, m in val.items()
+    )
+    size_rows = "\n".join(
+        f"| {n} | {b.lo:.0f}-{'' if math.isinf(b.hi) else f'{b.hi:.0f}'} | {b.count} | {b.mean_iou:.3f} "
+        f"| {b.missed:.1%} | {b.too_small:.0%} |"
+        for n, bins in sizes.items()
+        for b in bins
+        if b.count
     )
     choices = "\n" + args.choices.read_text().strip() + "\n" if args.choices else ""
     text = f"""# Model card: {info.name}
@@ -99,6 +114,16 @@ def main() -> None:
 | dataset | images | nuclei | AJI | Dice | object Dice | SQ | DQ | PQ |
 |---|---|---|---|---|---|---|---|---|
 {rows}
+
+### Where it fails: accuracy by nucleus area (same run)
+
+Best IoU of each annotated nucleus with any predicted one; "missed" means no prediction overlaps it with
+IoU > 0.5 (a PQ false negative), and "too small" is the share of those whose best prediction is smaller
+than the annotation (the rest are drawn too big).
+
+| dataset | area (px) | nuclei | mean IoU | missed | too small |
+|---|---|---|---|---|---|
+{size_rows}
 {choices}
 ## Licence
 

@@ -14,6 +14,7 @@ from bridge.metrics import (
     aggregate,
     aji,
     all_metrics,
+    by_size,
     dice,
     object_dice,
     overlap,
@@ -329,3 +330,29 @@ def test_real_monuseg_label_map() -> None:
     assert got["aji"] < 0.99
     assert got["dq"] == 1.0
     assert got["sq"] < 1.0
+
+
+def test_by_size_on_a_real_label_map() -> None:
+    """Every nucleus lands in exactly one size bin; a perfect prediction has IoU 1
+    everywhere; eroding by two pixels misses some small nuclei (drawn too small)
+    and hurts small nuclei more than large ones."""
+    if not MONUSEG_LABEL.exists():
+        pytest.skip(f"{MONUSEG_LABEL} not available")
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+
+    gt = np.asarray(Image.open(MONUSEG_LABEL)).astype(np.int64)
+    perfect = by_size([(gt, gt)])
+    assert sum(b.count for b in perfect) == len(np.unique(gt)) - 1
+    for b in perfect:
+        if b.count:
+            assert b.mean_iou == 1.0 and b.missed == 0.0
+    eroded = gt.copy()
+    for _ in range(2):
+        eroded[find_boundaries(eroded, mode="inner")] = 0
+    bins = [b for b in by_size([(gt, eroded)], edges=(0, 200, 800, np.inf)) if b.count]
+    assert bins[0].mean_iou < bins[-1].mean_iou < 1.0
+    assert bins[0].missed > 0 and bins[0].too_small == 1.0
+    # nothing predicted: every nucleus missed, IoU 0
+    empty = by_size([(gt, np.zeros_like(gt))])
+    assert all(b.mean_iou == 0.0 and b.missed == 1.0 for b in empty if b.count)
