@@ -23,7 +23,7 @@ from bridge.imageio import RegionReader
 from bridge.model.network import NuClickNet
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, resolve_device
-from bridge.postprocess import PatchMask, clean_patch
+from bridge.postprocess import MIN_OBJECT_PX, PatchMask, clean_patch
 from bridge.results import Click
 from bridge.segmentation import ClickPatch, PatchSegmenter
 
@@ -81,7 +81,7 @@ class NuClickEngine(PatchSegmenter):
         device: str | torch.device = "auto",
         batch_size: int = 32,
         threshold: float | None = None,
-        min_size: int = 10,
+        min_size: int = MIN_OBJECT_PX,
         simplify_tolerance: float = 0.5,
         precision: str = "auto",
         tta: int = 1,

@@ -13,6 +13,8 @@ from scipy.spatial import cKDTree
 from skimage import morphology
 
 FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
+# The paper removes objects under 10 px; training skips targets that small too.
+MIN_OBJECT_PX = 10
 
 
 @dataclass
@@ -76,7 +78,7 @@ def clean_patch(
     prob: np.ndarray,
     seed: tuple[int, int],
     threshold: float = 0.4,
-    min_size: int = 10,
+    min_size: int = MIN_OBJECT_PX,
     valid: np.ndarray | None = None,
 ) -> np.ndarray:
     """Binary mask of the clicked nucleus from one probability patch.
@@ -105,7 +107,7 @@ def keep_seed_component(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
     return labels == int(np.argmax(sizes)) + 1
 
 
-def resolve_overlaps(items: list[PatchMask], min_size: int = 10) -> list[PatchMask]:
+def resolve_overlaps(items: list[PatchMask], min_size: int = MIN_OBJECT_PX) -> list[PatchMask]:
     """Give every pixel claimed by several nuclei to the one whose patch had the
     highest probability there (ties: the lower index in ``items``), independent
     of order; then keep each nucleus's component under its click.

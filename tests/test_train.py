@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage as ndi
 
 from bridge.datasets import load_split
 from bridge.model.network import NuClickNet
 from bridge.model.weights import load_model
+from bridge.postprocess import MIN_OBJECT_PX
 from bridge.train.data import NEIGHBOUR_WEIGHT, NucleusPatches, sample_index
 from bridge.train.loop import TrainConfig, train
 from bridge.train.loss import nuclick_loss
@@ -37,10 +39,26 @@ def tiny_set(data_root, tmp_path_factory):
 def test_samples_follow_the_paper(tiny_set):
     items = load_split(tiny_set, "train")
     index = sample_index(items)
-    for i, inst, _, _ in index:  # nuclei cut by the tile edge are never clicked
-        rr, cc = np.nonzero(items[i].labels == inst)
-        assert rr.min() > 0 and cc.min() > 0 and rr.max() < 255 and cc.max() < 255
+    # every nucleus of at least MIN_OBJECT_PX pixels is a target, those cut by the tile edge included
+    expected = {
+        (i, inst)
+        for i, it in enumerate(items)
+        for inst, n in enumerate(np.bincount(it.labels.ravel()))
+        if inst and n >= MIN_OBJECT_PX
+    }
+    assert {(int(i), int(inst)) for i, inst, _, _ in index} == expected
+    cut = [
+        k
+        for k, (i, inst, _, _) in enumerate(index)
+        if np.isin(inst, np.concatenate([items[i].labels[[0, -1]].ravel(), items[i].labels[:, [0, -1]].ravel()]))
+    ]
+    assert cut, "these tiles have nuclei cut by the edge"
     ds = NucleusPatches(items, size=128, sigma=2.0, jitter=5.0, drop_neighbour=0.0, seed=0)
+    for k in cut[:4]:  # an edge-cut target is its visible part, next to the zero padding
+        x, y, _ = (t.numpy() for t in ds[k])
+        padding = (x[:3] == 0).all(0)
+        assert y[0].sum() >= MIN_OBJECT_PX * 0.8 and padding.any()
+        assert ndi.binary_dilation(y[0] > 0, iterations=2)[padding].any()
     for k in range(0, len(ds), max(1, len(ds) // 12)):
         x, y, w = (t.numpy() for t in ds[k])
         assert x.shape == (5, 128, 128) and y.shape == w.shape == (1, 128, 128)
@@ -51,7 +69,8 @@ def test_samples_follow_the_paper(tiny_set):
         assert not (neighbours & target).any()
         assert set(np.unique(w[0])) <= {1.0, NEIGHBOUR_WEIGHT}
         if neighbours.any():  # exclusion clicks land on neighbours, never on the target
-            ex = x[4] > 0.99
+            # each click's peak is the pixel that holds it (>= exp(-1/16) at sigma 2)
+            ex = (x[4] == ndi.maximum_filter(x[4], size=3)) & (x[4] > 0.9)
             assert ex.any() and not (ex & target).any() and (ex & neighbours).any()
     a, b = ds[3], ds[3]
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True)), "samples are reproducible"
