@@ -98,9 +98,9 @@ def main() -> None:
   (reported by the server's GetModelInfo).
 - **Pixel size**: trained at 40x, about {info.pixel_size_um:g} µm/px.
 - **Training data**: the `{meta.get("train_split")}` splits of `../shared/data/monuseg` (MoNuSeg / Kumar et al.
-  2017, 14 images) and `../shared/data/consep_tiles` (CoNSeP / Graham et al. 2019, 432 tiles); nuclei touching
-  an image border are not used as targets. Everything (width, sigma, threshold, epochs) was chosen on the
-  `val` splits only.
+  2017, 14 images) and `../shared/data/consep_tiles` (CoNSeP / Graham et al. 2019, 432 tiles); nuclei cut
+  by an image border are targets as their visible part (since commit 05bec01; earlier runs skipped them).
+  Everything (width, sigma, threshold, epochs) was chosen on the `val` splits only.
 - **Training**: best epoch {meta.get("epoch")} by mean validation AJI; config `{json.dumps(meta.get("train_config"))}`;
   code commit `{meta.get("code_commit")}`.
 - **Command**:
