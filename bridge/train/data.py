@@ -13,6 +13,7 @@ from bridge.clicks import click_in_mask, instance_slices
 from bridge.datasets import LabelledImage
 from bridge.guidance import gaussian_map
 from bridge.postprocess import MIN_OBJECT_PX
+from bridge.segmentation import valid_window
 from bridge.train.augment import colour, crop_padded, geometric, resize_to
 
 NEIGHBOUR_WEIGHT = 10.0
@@ -69,10 +70,11 @@ class NucleusPatches(Dataset):
         shift = rng.uniform(-self.jitter, self.jitter, 2) if self.augment else np.zeros(2)
         x0 = round(cc + shift[0]) - win // 2
         y0 = round(cr + shift[1]) - win // 2
-        # A fourth channel marks real pixels, so that the padding outside the
-        # image stays exactly zero through resizing and colour jitter, as at inference.
-        inside = np.broadcast_to(np.uint8(255), item.labels.shape)  # no copy of the image
-        image = np.dstack([crop_padded(item.image, x0, y0, win, win), crop_padded(inside, x0, y0, win, win)])
+        # A fourth channel marks real pixels (inference's own rule), so that the padding
+        # outside the image stays exactly zero through resizing and colour jitter.
+        H, W = item.labels.shape
+        inside = valid_window((x0, y0), win, W, H).astype(np.uint8) * 255
+        image = np.dstack([crop_padded(item.image, x0, y0, win, win), inside])
         labels = crop_padded(item.labels, x0, y0, win, win)
         image, labels = resize_to(image, labels, S)
         if self.augment:
