@@ -15,7 +15,7 @@ from bridge.coords import patch_origin, pixel_of
 from bridge.errors import BridgeInputError
 from bridge.imageio import RegionReader
 from bridge.polygons import mask_to_polygon
-from bridge.postprocess import PatchMask, resolve_overlaps
+from bridge.postprocess import MIN_OBJECT_PX, PatchMask, resolve_overlaps
 from bridge.results import Click, NucleusResult
 from bridge.tiling import DEFAULT_MAX_TILE, guidance_reach, iter_tiles, plan_tiles
 
@@ -132,7 +132,7 @@ class PatchSegmenter:
 
     patch_size: int = 128
     guidance_sigma: float = 0.0  # neighbours' clicks reach 4 sigma beyond the patch
-    min_size: int = 10
+    min_size: int = MIN_OBJECT_PX
     tolerance: float = 0.5
 
     def iter_patches(

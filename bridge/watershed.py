@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from bridge.errors import BridgeInputError
 from bridge.imageio import RegionReader
-from bridge.postprocess import PatchMask, clean_patch
+from bridge.postprocess import MIN_OBJECT_PX, PatchMask, clean_patch
 from bridge.results import Click
 from bridge.segmentation import PatchSegmenter
 
@@ -103,7 +103,7 @@ class WatershedSegmenter(PatchSegmenter):
     def __init__(
         self,
         patch_size: int = 128,
-        min_size: int = 10,
+        min_size: int = MIN_OBJECT_PX,
         simplify_tolerance: float = 0.5,
         channel: str = "hematoxylin",
         sigma: float = 1.5,
