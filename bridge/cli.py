@@ -180,7 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WEIGHTS",
         help="start from these trained weights (fine-tuning) instead of random ones",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed of the initial weights, patch order, clicks and augmentations (default: 0); "
+        "when fine-tuning with --init, a new seed draws different samples from the previous run",
+    )
     add_device_options(p)
     p.set_defaults(handler="bridge.commands.train:run")
     p = sub.add_parser(

@@ -20,6 +20,7 @@ from bridge.coords import to_local
 from bridge.errors import BridgeInputError
 from bridge.guidance import guidance_pair
 from bridge.imageio import RegionReader
+from bridge.model.fusion import fold_batchnorm
 from bridge.model.network import NuClickNet
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, resolve_device
@@ -93,7 +94,8 @@ class NuClickEngine(PatchSegmenter):
             raise BridgeInputError(f"test-time augmentation takes 1, 2, 4 or 8 views, not {tta}")
         self.tta = tta
         self.precision = resolve_precision(precision, self.device)
-        self.model = prepare(model, self.device).eval()
+        # A copy with BatchNorm folded into the convolutions: same outputs, less work.
+        self.model = prepare(fold_batchnorm(model), self.device)
         self.info = info
         self.batch_size = batch_size
         self.threshold = info.threshold if threshold is None else threshold

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import shapely
-from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry import MultiPolygon, Polygon
 
 
 def mask_to_polygon(mask: np.ndarray, origin: tuple[int, int] = (0, 0), tolerance: float = 0.5) -> Polygon | None:
@@ -24,10 +24,7 @@ def mask_to_polygon(mask: np.ndarray, origin: tuple[int, int] = (0, 0), toleranc
     r_start, c_start = np.nonzero(d == 1)
     _, c_end = np.nonzero(d == -1)  # row-major order matches starts
     ox, oy = origin
-    boxes = [
-        box(ox + c0, oy + r, ox + c1, oy + r + 1)
-        for r, c0, c1 in zip(r_start.tolist(), c_start.tolist(), c_end.tolist(), strict=True)
-    ]
+    boxes = shapely.box(ox + c_start, oy + r_start, ox + c_end, oy + r_start + 1)  # one per run, vectorised
     geom = shapely.union_all(boxes)
     if isinstance(geom, MultiPolygon):  # only for masks that are not 4-connected
         geom = max(geom.geoms, key=lambda g: g.area)

@@ -91,7 +91,12 @@ def clean_patch(
         mask &= valid
     mask = morphology.remove_small_objects(mask, max_size=min_size - 1) if min_size > 1 else mask
     mask = component_at(mask, seed)
-    return ndi.binary_fill_holes(mask)
+    # Holes of a single component lie inside its bounding box: fill only there.
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if len(rows):
+        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        mask[box] = ndi.binary_fill_holes(mask[box])
+    return mask
 
 
 def keep_seed_component(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:

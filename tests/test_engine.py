@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 from shapely.geometry import Point
+from skimage import morphology
 
 from bridge.clicks import simulate_clicks
 from bridge.coords import patch_origin
@@ -14,10 +16,11 @@ from bridge.engine import NuClickEngine
 from bridge.errors import BridgeInputError
 from bridge.guidance import gaussian_map, guidance_pair
 from bridge.imageio import ArrayReader
+from bridge.model.fusion import fold_batchnorm
 from bridge.model.network import NuClickNet, count_parameters
 from bridge.model.weights import ModelInfo, load_model, save_weights
 from bridge.polygons import mask_to_polygon
-from bridge.postprocess import PatchMask, clean_patch, resolve_overlaps
+from bridge.postprocess import PatchMask, clean_patch, component_at, resolve_overlaps
 from bridge.results import Click
 
 
@@ -50,6 +53,28 @@ def test_network_shapes():
     assert y.shape == (2, 1, 128, 128)
 
 
+def test_batchnorm_folding_keeps_the_outputs_and_leaves_the_callers_model_alone():
+    torch.manual_seed(0)
+    net = NuClickNet(0.125)
+    n_bn = 0
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, as after training
+            n_bn += 1
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    net.train()
+    folded = fold_batchnorm(net)
+    assert net.training and sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == n_bn
+    assert not folded.training and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(2, 5, 128, 128)
+    net.eval()
+    with torch.no_grad():
+        want, got = net(x), folded(x)
+    assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()))
+
+
 def test_gaussian_peak_is_at_the_click_pixel():
     g = gaussian_map(np.array([[10.5, 20.5]]), 64, sigma=2.0)
     assert np.unravel_index(g.argmax(), g.shape) == (20, 10)
@@ -72,6 +97,24 @@ def test_clean_patch_keeps_only_the_clicked_component_and_fills_holes():
     prob[2, 28] = 0.9  # a speck
     mask = clean_patch(prob, (6, 6), threshold=0.4, min_size=10)
     assert mask[5:15, 5:15].all() and mask.sum() == 100
+
+
+def test_clean_patch_fills_holes_as_a_whole_patch_fill_would():
+    """Holes are filled inside the clicked component's bounding box only; on
+    blobby random shapes with holes that must equal filling the whole patch."""
+    rng = np.random.default_rng(0)
+    filled_any = 0
+    for _ in range(40):
+        prob = ndi.gaussian_filter(rng.random((96, 96)), 2.5)
+        prob = (prob - prob.min()) / (prob.max() - prob.min())
+        seed = tuple(int(v) for v in np.unravel_index(prob.argmax(), prob.shape))
+        threshold = float(np.quantile(prob, 0.45))
+        component = component_at(morphology.remove_small_objects(prob > threshold, max_size=9), seed)
+        want = ndi.binary_fill_holes(component)
+        got = clean_patch(prob, seed, threshold=threshold)
+        assert np.array_equal(got, want)
+        filled_any += int(want.sum() > component.sum())
+    assert filled_any >= 5  # the shapes really had holes
 
 
 def test_clean_patch_at_threshold_and_small_object():
