@@ -17,11 +17,11 @@ from bridge.model.weights import default_weights_path
 
 MONUSEG_VAL = ["TCGA-21-5786-01Z-00-DX1", "TCGA-B0-5698-01Z-00-DX1"]
 CONSEP_VAL = [f"test_{i}_{j:03d}" for i in (1, 2) for j in (5, 6, 9, 10)]
-# Measured with the shipped weights on exactly these images (monuseg: AJI 0.682, PQ 0.636;
-# consep_tiles: AJI 0.692, PQ 0.629), then lowered by about 0.025, so that a model from before
+# Measured with the shipped weights on exactly these images (monuseg: AJI 0.680, PQ 0.635;
+# consep_tiles: AJI 0.698, PQ 0.638), then lowered by about 0.025, so that a model from before
 # edge-cut nuclei were training targets (consep here: AJI 0.639, PQ 0.558) fails.  The
 # watershed baseline scores far lower (full val: monuseg AJI 0.585, consep AJI 0.482).
-FLOORS = {"monuseg": {"aji": 0.655, "pq": 0.61}, "consep_tiles": {"aji": 0.665, "pq": 0.605}}
+FLOORS = {"monuseg": {"aji": 0.655, "pq": 0.61}, "consep_tiles": {"aji": 0.67, "pq": 0.61}}
 
 
 def subset(root, names, tmp_path):
