@@ -17,6 +17,13 @@ FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 MIN_OBJECT_PX = 10
 
 
+def mask_box(mask: np.ndarray) -> tuple[slice, slice]:
+    """(rows, cols) slices of the smallest window that holds every True pixel of
+    ``mask``; empty slices at (0, 0) for an empty mask."""
+    boxes = ndi.find_objects(mask.view(np.uint8))
+    return boxes[0] if boxes else (slice(0, 0), slice(0, 0))
+
+
 @dataclass
 class PatchMask:
     """One click's mask and probabilities in a window at ``origin`` (level-0
@@ -35,17 +42,12 @@ class PatchMask:
     def cropped(self) -> PatchMask:
         """The same mask in the smallest window that holds it, so that whole-slide
         click sets keep a few kB per nucleus instead of a full patch."""
-        rows, cols = np.nonzero(self.mask.any(1))[0], np.nonzero(self.mask.any(0))[0]
-        if len(rows) == 0:
-            r0 = c0 = 0
-            r1 = c1 = 0
-        else:
-            r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        rs, cs = mask_box(self.mask)
         return PatchMask(
-            (self.origin[0] + int(c0), self.origin[1] + int(r0)),
-            self.mask[r0:r1, c0:c1].copy(),
-            self.prob[r0:r1, c0:c1].copy(),
-            (self.seed[0] - int(r0), self.seed[1] - int(c0)),
+            (self.origin[0] + cs.start, self.origin[1] + rs.start),
+            self.mask[rs, cs].copy(),
+            self.prob[rs, cs].copy(),
+            (self.seed[0] - rs.start, self.seed[1] - cs.start),
         )
 
 
@@ -92,10 +94,8 @@ def clean_patch(
     mask = morphology.remove_small_objects(mask, max_size=min_size - 1) if min_size > 1 else mask
     mask = component_at(mask, seed)
     # Holes of a single component lie inside its bounding box: fill only there.
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if len(rows):
-        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
-        mask[box] = ndi.binary_fill_holes(mask[box])
+    box = mask_box(mask)
+    mask[box] = ndi.binary_fill_holes(mask[box])
     return mask
 
 

@@ -20,7 +20,7 @@ from bridge.model.fusion import fold_batchnorm
 from bridge.model.network import NuClickNet, count_parameters
 from bridge.model.weights import ModelInfo, load_model, save_weights
 from bridge.polygons import mask_to_polygon
-from bridge.postprocess import PatchMask, clean_patch, component_at, resolve_overlaps
+from bridge.postprocess import MIN_OBJECT_PX, PatchMask, clean_patch, component_at, resolve_overlaps
 from bridge.results import Click
 
 
@@ -109,7 +109,7 @@ def test_clean_patch_fills_holes_as_a_whole_patch_fill_would():
         prob = (prob - prob.min()) / (prob.max() - prob.min())
         seed = tuple(int(v) for v in np.unravel_index(prob.argmax(), prob.shape))
         threshold = float(np.quantile(prob, 0.45))
-        component = component_at(morphology.remove_small_objects(prob > threshold, max_size=9), seed)
+        component = component_at(morphology.remove_small_objects(prob > threshold, max_size=MIN_OBJECT_PX - 1), seed)
         want = ndi.binary_fill_holes(component)
         got = clean_patch(prob, seed, threshold=threshold)
         assert np.array_equal(got, want)
