@@ -1,16 +1,21 @@
 """Nuclei per second, end to end (read, patch, infer, post-process, polygons),
 on one 1000x1000 image of ../shared/data with all its nuclei clicked, for the
-default network width and the published one, in one run on this machine.
+shipped network and the comparison networks, in one run on this machine.
 
-Three runs: the shipped default (width 0.25, --precision, auto by default),
-the published width in the same precision (the fair ratio), and the
-published width in fp32 as the paper ran it.  Random weights are fine for
-speed; the shipped weights are used for the default width.  Each run also
-times the network alone on one batch, so that the end-to-end ratio can be
-read against the ratio of the networks (post-processing and polygons cost
-the same per nucleus for every width).
+Rows: the shipped default (``--precision``, auto by default, and fp32, which
+is what a CPU without bf16 instructions runs), each ``--compare`` network in
+the same two precisions, and the published NuClick width (``nuclick-w1``), the
+ratio's reference.  Random weights are fine for speed; the shipped weights
+are used for the default.  Each row also times the network alone on one
+batch, so the end-to-end rate can be read against the network's cost
+(reading, post-processing and polygons cost the same per nucleus for every
+network), and gives its GFLOP per patch.
 
-    python benchmarks/nuclei_per_second.py [--data ../shared/data] [--device auto] [--precision auto]
+Compare speeds only within one run: the machine's speed drifts between runs.
+To see a CPU without AVX-512 on one that has it, run under
+``ONEDNN_MAX_CPU_ISA=AVX2``.
+
+    python benchmarks/nuclei_per_second.py [--data ../shared/data] [--compare nuclick-w0.25,effunet-lite1]
 """
 
 from __future__ import annotations
@@ -23,32 +28,47 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from bridge.clicks import simulate_clicks
 from bridge.engine import NuClickEngine
 from bridge.imageio import open_image
-from bridge.model.network import NuClickNet, count_parameters
+from bridge.model.architectures import build, from_label
+from bridge.model.network import count_parameters
 from bridge.model.precision import PRECISIONS
 from bridge.model.weights import ModelInfo, default_weights_path, load_model, resolve_device
 from bridge.results import Click
 
-DEFAULT_WIDTH = 0.25
-PUBLISHED_WIDTH = 1.0
+PUBLISHED = "nuclick-w1"
 
 
-def engine_for(width: float, device: torch.device, batch_size: int, precision: str) -> tuple[NuClickEngine, str, int]:
+def engine_for(label: str, device: torch.device, batch_size: int, precision: str) -> tuple[NuClickEngine, str, int]:
     """The engine, where its weights came from, and the network's parameter count (as trained,
     before the engine folds BatchNorm into the convolutions)."""
-    if width == DEFAULT_WIDTH and default_weights_path().is_file():
+    if label == "default":
+        if not default_weights_path().is_file():
+            raise SystemExit("no shipped weights in this install")
         model, info = load_model()
-        if info.width == width:
-            engine = NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision)
-            return engine, "shipped", count_parameters(model)
+        return (
+            NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision),
+            "shipped",
+            (count_parameters(model)),
+        )
     torch.manual_seed(0)
-    model = NuClickNet(width)
-    info = ModelInfo("random", "bench", "", width)
+    spec = from_label(label)
+    model = build(spec)
+    info = ModelInfo("random", "bench", "", float(spec.kwargs.get("width", 1.0)), arch=spec.label)
     engine = NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision)
     return engine, "random weights", count_parameters(model)
+
+
+def gflop_per_patch(engine: NuClickEngine) -> float:
+    """Forward GFLOP (multiply and add counted separately) for one patch."""
+    s = engine.patch_size
+    x = torch.zeros(1, 5, s, s, device=engine.device)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        engine.model(x)
+    return counter.get_total_flops() / 1e9
 
 
 def run_once(engine: NuClickEngine, image: Path, clicks: list[Click]) -> float:
@@ -83,6 +103,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--compare",
+        default="nuclick-w0.25",
+        help="comma-separated architectures to time beside the default, e.g. "
+        "nuclick-w0.25,effunet-lite1,effunet-lite2 (the published nuclick-w1 is always timed)",
+    )
     args = ap.parse_args()
     root = Path(args.data) / "monuseg"
     image = root / "images" / f"{args.image}.png"
@@ -94,41 +120,40 @@ def main() -> None:
         f"image {args.image} ({labels.shape[1]}x{labels.shape[0]}), {len(clicks)} clicks, device {device}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    rates, net = {}, {}
-    runs = {
-        "default": (DEFAULT_WIDTH, args.precision),
-        "published_same_precision": (PUBLISHED_WIDTH, args.precision),
-        "published_fp32": (PUBLISHED_WIDTH, "fp32"),
-    }
-    for key, (width, precision) in runs.items():
-        engine, source, n_params = engine_for(width, device, args.batch_size, precision)
-        run_once(engine, image, clicks[:64])  # warm-up
-        best = min(run_once(engine, image, clicks) for _ in range(args.repeats))
-        rates[key] = len(clicks) / best
-        net[key] = network_seconds(engine, args.repeats)
-        print(
-            f"{key}: width {width:g} ({n_params / 1e6:.1f}M params, {source}), "
-            f"{engine.precision}: {best:.2f} s, {rates[key]:.1f} nuclei/s; "
-            f"network alone {net[key]:.3f} s per batch of {engine.batch_size}"
-        )
-    same = rates["default"] / rates["published_same_precision"]
-    vs_fp32 = rates["default"] / rates["published_fp32"]
-    net_same = net["published_same_precision"] / net["default"]
-    print(f"default / published, same precision: {same:.2f}x; default / published fp32: {vs_fp32:.2f}x")
-    print(f"network alone, default / published, same precision: {net_same:.2f}x")
-    print(
-        json.dumps(
-            {
-                "nuclei": len(clicks),
-                "device": str(device),
-                "nuclei_per_s": {k: round(v, 1) for k, v in rates.items()},
-                "ratio_same_precision": round(same, 2),
-                "ratio_vs_published_fp32": round(vs_fp32, 2),
-                "network_s_per_batch": {k: round(v, 4) for k, v in net.items()},
-                "network_ratio_same_precision": round(net_same, 2),
+    labels_to_run = ["default", *[c for c in args.compare.split(",") if c], PUBLISHED]
+    precisions = list(dict.fromkeys([args.precision, "fp32"]))
+    rows = {}
+    for label in labels_to_run:
+        for precision in precisions:
+            engine, source, n_params = engine_for(label, device, args.batch_size, precision)
+            key = f"{label}/{engine.precision}"
+            if key in rows:  # auto resolved to fp32 here
+                continue
+            run_once(engine, image, clicks[:64])  # warm-up
+            best = min(run_once(engine, image, clicks) for _ in range(args.repeats))
+            rows[key] = {
+                "arch": engine.info.arch,
+                "source": source,
+                "params_m": round(n_params / 1e6, 2),
+                "gflop_per_patch": round(gflop_per_patch(engine), 3),
+                "nuclei_per_s": round(len(clicks) / best, 1),
+                "network_s_per_batch": round(network_seconds(engine, args.repeats), 4),
             }
-        )
-    )
+            r = rows[key]
+            print(
+                f"{key}: {r['arch']} ({r['params_m']}M params, {source}, {r['gflop_per_patch']} GFLOP/patch): "
+                f"{best:.2f} s, {r['nuclei_per_s']} nuclei/s; network alone {r['network_s_per_batch']:.3f} s "
+                f"per batch of {engine.batch_size}",
+                flush=True,
+            )
+    ratios = {}
+    for key, r in rows.items():
+        label, prec = key.split("/")
+        ref = rows.get(f"{PUBLISHED}/{prec}")
+        if label != PUBLISHED and ref:
+            ratios[key] = round(r["nuclei_per_s"] / ref["nuclei_per_s"], 2)
+            print(f"{key} / published ({prec}): {ratios[key]:.2f}x")
+    print(json.dumps({"nuclei": len(clicks), "device": str(device), "rows": rows, "ratio_vs_published": ratios}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from bridge.coords import to_local
@@ -21,7 +22,6 @@ from bridge.errors import BridgeInputError
 from bridge.guidance import guidance_pair
 from bridge.imageio import RegionReader
 from bridge.model.fusion import fold_batchnorm
-from bridge.model.network import NuClickNet
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, resolve_device
 from bridge.postprocess import MIN_OBJECT_PX, PatchMask, clean_patch
@@ -77,7 +77,7 @@ class NuClickEngine(PatchSegmenter):
 
     def __init__(
         self,
-        model: NuClickNet,
+        model: nn.Module,
         info: ModelInfo,
         device: str | torch.device = "auto",
         batch_size: int = 32,

@@ -20,8 +20,14 @@ def _git_commit() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bridge.model.architectures import parse_arch
     from bridge.model.weights import resolve_device
     from bridge.train.loop import TrainConfig, train
+
+    try:  # before any data is read
+        spec = parse_arch(args.arch, args.width)
+    except ValueError as exc:
+        raise BridgeInputError(str(exc)) from exc
 
     roots = [Path(d) for d in args.data]
     for r in roots:
@@ -39,20 +45,25 @@ def run(args: argparse.Namespace) -> int:
             items = load_split(r, args.val_split)
             check_trainable(r, items)
             val[r.name] = items[: args.val_limit] if args.val_limit else items
+    lr = args.lr if args.lr is not None else (3e-3 if spec.name == "nuclick" else 1e-3)
     cfg = TrainConfig(
+        arch=args.arch,
         width=args.width,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=lr,
         sigma=args.sigma,
         jitter=args.jitter,
         samples_per_epoch=args.samples_per_epoch,
         seed=args.seed,
         threads=args.threads,
         precision=args.precision,
+        warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
+        drop_neighbour=args.drop_neighbours,
     )
     meta = {
-        "name": f"nuclick-w{args.width:g}",
+        "name": spec.label,
         "data": [str(r) for r in roots],
         "train_split": args.train_split,
         "val_split": args.val_split,

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from bridge.errors import BridgeInputError
-from bridge.model.network import NuClickNet
+from bridge.model.architectures import ArchSpec, build, spec_of
 
 DEFAULT_WEIGHTS_NAME = "nuclick_default.pt"
 
@@ -30,6 +31,7 @@ class ModelInfo:
     threshold: float = 0.4
     pixel_size_um: float = 0.25
     extra: dict[str, Any] = field(default_factory=dict)
+    arch: str = "nuclick"  # the architecture's name (bridge.model.architectures)
 
 
 def default_weights_path() -> Path:
@@ -44,16 +46,36 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_weights(path: Path, model: NuClickNet, meta: dict[str, Any]) -> None:
-    """Store fp16 weights plus the settings inference needs."""
+def save_weights(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Store fp16 weights, the architecture that rebuilds them, and the
+    settings inference needs."""
+    spec = spec_of(model)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": "nuclick-bridge/1", "width": model.width, "state_dict": state, "meta": meta}, tmp)
+    blob = {
+        "format": "nuclick-bridge/2",
+        "arch": spec.as_dict(),
+        "width": float(spec.kwargs.get("width", 1.0)),
+        "state_dict": state,
+        "meta": meta,
+    }
+    torch.save(blob, tmp)
     tmp.replace(path)
 
 
-def load_model(path: str | Path | None = None) -> tuple[NuClickNet, ModelInfo]:
+def _arch_of(blob: dict, p: Path) -> ArchSpec:
+    """The file's architecture; files written before architectures were
+    recorded (format 1) are NuClick networks of the stored width."""
+    if "arch" not in blob:
+        return ArchSpec("nuclick", {"width": float(blob["width"])})
+    arch = blob["arch"]
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise BridgeInputError(f"{p.name}: its architecture record is unreadable")
+    return ArchSpec(arch["name"], dict(arch.get("kwargs") or {}))
+
+
+def load_model(path: str | Path | None = None) -> tuple[nn.Module, ModelInfo]:
     """The network (eval mode, fp32) and its info, from ``path`` or the shipped file."""
     p = Path(path) if path is not None else default_weights_path()
     if not p.is_file():
@@ -65,10 +87,24 @@ def load_model(path: str | Path | None = None) -> tuple[NuClickNet, ModelInfo]:
         raise BridgeInputError(f"weights file not found: {p}")
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
-        model = NuClickNet(width=float(blob["width"]))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+        spec = _arch_of(blob, p)
+    except BridgeInputError:
+        raise
     except Exception as exc:  # corrupt or foreign file
         raise BridgeInputError(f"{p.name} is not a nuclick-bridge weights file ({type(exc).__name__})") from exc
+    try:
+        model = build(spec)
+    except (ValueError, TypeError) as exc:
+        raise BridgeInputError(
+            f"{p.name} holds a network of architecture {spec.name!r}, which this version of nuclick-bridge "
+            f"cannot build ({exc}); upgrade nuclick-bridge or use other weights"
+        ) from exc
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+    except Exception as exc:
+        raise BridgeInputError(
+            f"{p.name}: its weights do not fit architecture {spec.label} ({type(exc).__name__})"
+        ) from exc
     model.eval()
     meta = dict(blob.get("meta", {}))
     sha = file_sha256(p)
@@ -76,12 +112,13 @@ def load_model(path: str | Path | None = None) -> tuple[NuClickNet, ModelInfo]:
         name=str(meta.pop("name", p.stem)),
         version=str(meta.pop("version", sha[:12])),
         sha256=sha,
-        width=float(blob["width"]),
+        width=float(spec.kwargs.get("width", 1.0)),
         patch_size=int(meta.pop("patch_size", 128)),
         sigma=float(meta.pop("sigma", 2.0)),
         threshold=float(meta.pop("threshold", 0.4)),
         pixel_size_um=float(meta.pop("pixel_size_um", 0.25)),
         extra=meta,
+        arch=spec.label,
     )
     return model, info
 

@@ -149,6 +149,7 @@ class SegmentService:
                 sigma=info.sigma,
                 threshold=float(getattr(self.engine, "threshold", info.threshold)),
                 pixel_size_um=info.pixel_size_um,
+                arch=info.arch,
             ),
             device=kind,
             device_name=name,

@@ -1,6 +1,7 @@
-"""The training loop: Adam at lr 3e-3 (cosine-decayed), hybrid loss,
-regular checkpoints that a later session resumes from, and validation AJI
-per epoch on the validation split."""
+"""The training loop: AdamW with a linear warm-up then cosine decay, NuClick's
+hybrid loss, an exponential moving average of the weights (what is validated
+and shipped), regular checkpoints that a later session resumes from, and
+validation AJI per epoch on the validation split."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -20,7 +24,8 @@ from bridge.datasets import LabelledImage
 from bridge.engine import NuClickEngine
 from bridge.errors import BridgeInputError
 from bridge.evaluate import evaluate
-from bridge.model.network import NuClickNet
+from bridge.model.architectures import build, parse_arch
+from bridge.model.effunet import EffUNet, load_pretrained_encoder
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, save_weights
 from bridge.train.data import NucleusPatches
@@ -31,7 +36,8 @@ log = logging.getLogger("bridge.train")
 
 @dataclass
 class TrainConfig:
-    width: float = 0.25
+    arch: str = "effunet-lite0"  # a name in bridge.model.architectures
+    width: float = 0.25  # nuclick only
     epochs: int = 20
     batch_size: int = 16
     lr: float = 3e-3
@@ -45,13 +51,28 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0: torch's default
     precision: str = "auto"  # autocast: bf16 on a CPU that has it, fp16 on CUDA
+    warmup_steps: int = 300  # linear warm-up before the cosine decay
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.999  # 0: no moving average; validate and ship the raw weights
+    drop_neighbour: float = 0.1  # chance that a neighbour's click is left out of the exclusion map
+    pretrained: bool = True  # start an EfficientNet-Lite encoder from its ImageNet weights
 
 
-def _checkpoint(path: Path, model, opt, sched, state: dict, cfg: TrainConfig) -> None:
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps (a pretrained encoder is not shaken
+    by the decoder's first random gradients), then cosine decay to 1%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _checkpoint(path: Path, model, ema, opt, sched, state: dict, cfg: TrainConfig) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
             "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
             "opt": opt.state_dict(),
             "sched": sched.state_dict(),
             "state": state,
@@ -62,9 +83,9 @@ def _checkpoint(path: Path, model, opt, sched, state: dict, cfg: TrainConfig) ->
     tmp.replace(path)
 
 
-def validate(model: NuClickNet, cfg: TrainConfig, val: dict[str, list[LabelledImage]], device) -> dict:
+def validate(model: nn.Module, cfg: TrainConfig, val: dict[str, list[LabelledImage]], device) -> dict:
     """Validation metrics per dataset with the inference engine itself."""
-    info = ModelInfo("val", "val", "", cfg.width, cfg.patch_size, cfg.sigma)
+    info = ModelInfo("val", "val", "", cfg.width, cfg.patch_size, cfg.sigma, arch=cfg.arch)
     engine = NuClickEngine(model, info, device=device, batch_size=64, precision=cfg.precision)
     out = {}
     for name, items in val.items():
@@ -92,32 +113,44 @@ def train(
     ckpt_path = out.with_suffix(".ckpt")
     log_path = out.with_suffix(".log.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    ds = NucleusPatches(train_items, cfg.patch_size, cfg.sigma, cfg.jitter, seed=cfg.seed)
+    ds = NucleusPatches(
+        train_items, cfg.patch_size, cfg.sigma, cfg.jitter, drop_neighbour=cfg.drop_neighbour, seed=cfg.seed
+    )
     per_epoch = cfg.samples_per_epoch or len(ds)
     steps_per_epoch = max(1, per_epoch // cfg.batch_size)
     precision = resolve_precision(cfg.precision, device, training=True)
-    model = NuClickNet(cfg.width)
+    spec = parse_arch(cfg.arch, cfg.width)
+    model = build(spec)
     total = steps_per_epoch * cfg.epochs
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_aji": -1.0, "history": []}
     src = resume if resume is not None else (ckpt_path if ckpt_path.is_file() else None)
     if init is not None and src is None:  # fine-tune from trained weights; a checkpoint of this run wins
         start_model, start_info = load_model(init)
-        if start_info.width != cfg.width:
-            raise BridgeInputError(f"--init weights {init.name} have width {start_info.width:g}, not {cfg.width:g}")
+        if start_info.arch != spec.label:
+            raise BridgeInputError(f"--init weights {init.name} are {start_info.arch}, not {spec.label}")
         model.load_state_dict(start_model.state_dict())
         log.info("starting from the weights in %s", init)
+    elif src is None and cfg.pretrained and isinstance(model, EffUNet):
+        load_pretrained_encoder(model)
+        log.info("encoder initialised from ImageNet-pretrained EfficientNet-%s", model.variant.capitalize())
     model = prepare(model, device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total))))
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay > 0
+        else None
     )
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=cfg.warmup_steps, total=total))
     if src is not None:
         blob = torch.load(src, map_location="cpu", weights_only=False)
         model.load_state_dict(blob["model"])
+        if ema is not None and blob.get("ema") is not None:
+            ema.load_state_dict(blob["ema"])
         opt.load_state_dict(blob["opt"])
         sched.load_state_dict(blob["sched"])
         state = blob["state"]
         log.info("resumed from %s at epoch %d step %d", src, state["epoch"], state["step_in_epoch"])
+    shipped = ema.module if ema is not None else model
     log.info(
         "training on %d nuclei, %d steps/epoch, %d epochs, device %s, precision %s",
         len(ds),
@@ -159,15 +192,18 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             state["step"] += 1
             state["step_in_epoch"] += 1
             run_loss = 0.98 * run_loss + 0.02 * loss.item() if run_loss else loss.item()
             bar.set_postfix(loss=f"{run_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
             if state["step_in_epoch"] % cfg.checkpoint_every == 0:
-                _checkpoint(ckpt_path, model, opt, sched, state, cfg)
+                _checkpoint(ckpt_path, model, ema, opt, sched, state, cfg)
         bar.close()
         model.eval()
-        metrics = validate(model, cfg, val, device) if val else {}
+        shipped.eval()
+        metrics = validate(shipped, cfg, val, device) if val else {}
         mean_aji = float(np.mean([m["aji"] for m in metrics.values()])) if metrics else -float(run_loss)
         record = {
             "epoch": epoch + 1,
@@ -184,7 +220,7 @@ def train(
             state["best_aji"] = mean_aji
             save_weights(
                 out,
-                model,
+                shipped,
                 {
                     **(meta or {}),
                     "patch_size": cfg.patch_size,
@@ -197,6 +233,6 @@ def train(
             log.info("new best mean val AJI %.4f -> wrote %s", mean_aji, out)
         state["epoch"] += 1
         state["step_in_epoch"] = 0
-        _checkpoint(ckpt_path, model, opt, sched, state, cfg)
+        _checkpoint(ckpt_path, model, ema, opt, sched, state, cfg)
         model.train()
     return state

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tile(_message.Message):
-    __slots__ = ("encoding", "data", "width", "height", "origin_x", "origin_y", "downsample", "pixel_size_um")
+    __slots__ = ("encoding", "data", "width", "height", "origin_x", "origin_y", "downsample", "pixel_size_um", "arch")
     class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ENCODING_UNSPECIFIED: _ClassVar[Tile.Encoding]
@@ -27,6 +27,7 @@ class Tile(_message.Message):
     ORIGIN_Y_FIELD_NUMBER: _ClassVar[int]
     DOWNSAMPLE_FIELD_NUMBER: _ClassVar[int]
     PIXEL_SIZE_UM_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
     encoding: Tile.Encoding
     data: bytes
     width: int
@@ -35,7 +36,8 @@ class Tile(_message.Message):
     origin_y: float
     downsample: float
     pixel_size_um: float
-    def __init__(self, encoding: _Optional[_Union[Tile.Encoding, str]] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., origin_x: _Optional[float] = ..., origin_y: _Optional[float] = ..., downsample: _Optional[float] = ..., pixel_size_um: _Optional[float] = ...) -> None: ...
+    arch: str
+    def __init__(self, encoding: _Optional[_Union[Tile.Encoding, str]] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., origin_x: _Optional[float] = ..., origin_y: _Optional[float] = ..., downsample: _Optional[float] = ..., pixel_size_um: _Optional[float] = ..., arch: _Optional[str] = ...) -> None: ...
 
 class Click(_message.Message):
     __slots__ = ("x", "y", "id", "class_name", "context_only")

@@ -1,0 +1,83 @@
+"""The networks a weights file can name, as data: an architecture is a name
+plus the keyword arguments that rebuild it.
+
+Why: the weights file, ``train --arch`` and the server's ``GetModelInfo`` all
+speak of the same thing, so a new network is one entry here, never a new code
+path in the engine.  Every network takes NuClick's five channels and returns
+one logit map of the same size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from bridge.model.effunet import EffUNet
+from bridge.model.network import NuClickNet
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What rebuilds a network: ``ARCHITECTURES[name](**kwargs)``."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    @property
+    def label(self) -> str:
+        """Short human name, e.g. ``nuclick-w0.25`` or ``effunet-lite0``."""
+        if self.name == "nuclick":
+            return f"nuclick-w{float(self.kwargs.get('width', 1.0)):g}"
+        return self.name
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "nuclick": NuClickNet,
+    "effunet-lite0": lambda: EffUNet("lite0"),
+    "effunet-lite1": lambda: EffUNet("lite1"),
+    "effunet-lite2": lambda: EffUNet("lite2"),
+}
+
+
+def parse_arch(name: str, width: float | None = None) -> ArchSpec:
+    """The spec for a command-line ``--arch`` (``--width`` applies to nuclick only)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    if name == "nuclick":
+        return ArchSpec(name, {"width": float(1.0 if width is None else width)})
+    return ArchSpec(name)
+
+
+def from_label(label: str) -> ArchSpec:
+    """Inverse of :attr:`ArchSpec.label` (``nuclick-w0.25`` -> nuclick at width 0.25)."""
+    if label.startswith("nuclick-w"):
+        return parse_arch("nuclick", float(label.removeprefix("nuclick-w")))
+    return parse_arch(label)
+
+
+def build(spec: ArchSpec) -> nn.Module:
+    """A fresh (randomly initialised) network of ``spec``; ``ValueError`` for an unknown one."""
+    if spec.name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {spec.name!r}; this version knows {', '.join(ARCHITECTURES)}")
+    model = ARCHITECTURES[spec.name](**spec.kwargs)
+    model.arch = spec
+    return model
+
+
+def spec_of(model: nn.Module) -> ArchSpec:
+    """The spec a network was built from (``build`` records it; a bare
+    ``NuClickNet`` is recognised by its width)."""
+    spec = getattr(model, "arch", None)
+    if isinstance(spec, ArchSpec):
+        return spec
+    if isinstance(model, NuClickNet):
+        return ArchSpec("nuclick", {"width": model.width})
+    if isinstance(model, EffUNet):
+        return ArchSpec(f"effunet-{model.variant}")
+    raise ValueError(f"{type(model).__name__} is not a registered architecture")
