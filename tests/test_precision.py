@@ -26,6 +26,10 @@ def test_auto_follows_the_hardware():
     assert resolve_precision("auto", CUDA, training=True) == "bf16"  # no loss scaling needed
     assert resolve_precision("fp32", CPU) == "fp32"
     assert resolve_precision("bf16", CPU) == "bf16"
+    # a network that gains nothing from bf16 on a CPU stays in fp32 there, but trains in bf16 where it can
+    assert resolve_precision("auto", CPU, cpu_bf16_pays=False) == "fp32"
+    assert resolve_precision("auto", CPU, training=True, cpu_bf16_pays=False) == resolve_precision("auto", CPU)
+    assert resolve_precision("auto", CUDA, cpu_bf16_pays=False) == "fp16"
 
 
 @pytest.mark.parametrize(

@@ -216,3 +216,25 @@ def test_init_weights_of_another_architecture_are_refused_before_training(tiny_s
     with pytest.raises(BridgeInputError, match=r"are nuclick-w0\.25, not effunet-lite0"):
         train(cfg, load_split(tiny_set, "train"), {}, out, torch.device("cpu"), init=init)
     assert not out.exists() and not out.with_suffix(".ckpt").exists()
+
+
+def test_weight_average_follows_training_from_the_first_steps():
+    """The moving average starts short: after 100 updates towards a weight that
+    moved from 0 to 1, the average is past 0.9 (a fixed 0.999 would be at 0.1),
+    and far into training it is the requested decay."""
+    from functools import partial
+
+    from torch.optim.swa_utils import AveragedModel
+
+    from bridge.train.loop import ema_decay_at, ema_update
+
+    net = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    ema = AveragedModel(net, multi_avg_fn=partial(ema_update, decay=0.999), use_buffers=True)
+    ema.update_parameters(net)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for _ in range(100):
+        ema.update_parameters(net)
+    assert 0.9 < float(ema.module.weight.detach().mean()) < 1.0
+    assert ema_decay_at(100_000, 0.999) == 0.999 and ema_decay_at(0, 0.999) == pytest.approx(0.1)
