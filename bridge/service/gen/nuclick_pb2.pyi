@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tile(_message.Message):
-    __slots__ = ("encoding", "data", "width", "height", "origin_x", "origin_y", "downsample", "pixel_size_um", "arch")
+    __slots__ = ("encoding", "data", "width", "height", "origin_x", "origin_y", "downsample", "pixel_size_um")
     class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ENCODING_UNSPECIFIED: _ClassVar[Tile.Encoding]
@@ -27,7 +27,6 @@ class Tile(_message.Message):
     ORIGIN_Y_FIELD_NUMBER: _ClassVar[int]
     DOWNSAMPLE_FIELD_NUMBER: _ClassVar[int]
     PIXEL_SIZE_UM_FIELD_NUMBER: _ClassVar[int]
-    ARCH_FIELD_NUMBER: _ClassVar[int]
     encoding: Tile.Encoding
     data: bytes
     width: int
@@ -36,8 +35,7 @@ class Tile(_message.Message):
     origin_y: float
     downsample: float
     pixel_size_um: float
-    arch: str
-    def __init__(self, encoding: _Optional[_Union[Tile.Encoding, str]] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., origin_x: _Optional[float] = ..., origin_y: _Optional[float] = ..., downsample: _Optional[float] = ..., pixel_size_um: _Optional[float] = ..., arch: _Optional[str] = ...) -> None: ...
+    def __init__(self, encoding: _Optional[_Union[Tile.Encoding, str]] = ..., data: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., origin_x: _Optional[float] = ..., origin_y: _Optional[float] = ..., downsample: _Optional[float] = ..., pixel_size_um: _Optional[float] = ...) -> None: ...
 
 class Click(_message.Message):
     __slots__ = ("x", "y", "id", "class_name", "context_only")
@@ -132,7 +130,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "sha256", "width", "patch_size", "sigma", "threshold", "pixel_size_um")
+    __slots__ = ("name", "version", "sha256", "width", "patch_size", "sigma", "threshold", "pixel_size_um", "arch")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +139,7 @@ class Model(_message.Message):
     SIGMA_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     PIXEL_SIZE_UM_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     sha256: str
@@ -149,7 +148,8 @@ class Model(_message.Message):
     sigma: float
     threshold: float
     pixel_size_um: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., width: _Optional[float] = ..., patch_size: _Optional[int] = ..., sigma: _Optional[float] = ..., threshold: _Optional[float] = ..., pixel_size_um: _Optional[float] = ...) -> None: ...
+    arch: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., width: _Optional[float] = ..., patch_size: _Optional[int] = ..., sigma: _Optional[float] = ..., threshold: _Optional[float] = ..., pixel_size_um: _Optional[float] = ..., arch: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_message_bytes", "max_tile_side", "max_clicks_per_request", "max_concurrent_streams", "max_batch", "batch_wait_ms", "stream_window", "auth_required")
