@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from bridge import __version__
-from bridge.commands.common import add_device_options
+from bridge.commands.common import add_device_options, add_server_options
 from bridge.errors import BridgeInputError
 
 EXIT_INPUT = 2
@@ -81,13 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT.geojson", help="output GeoJSON file")
     p.add_argument("--tolerance", type=float, default=0.5, help="polygon simplification in px (default: 0.5)")
     _add_engine(p)
-    p.add_argument(
-        "--server",
-        default=None,
-        metavar="HOST:PORT",
-        help="segment on a running 'nuclick-bridge serve' instead of in this process (same output); "
-        "token and TLS from NUCLICK_BRIDGE_TOKEN / NUCLICK_BRIDGE_CA",
-    )
+    add_server_options(p)
     p.set_defaults(handler="bridge.commands.segment:run")
 
     p = sub.add_parser(

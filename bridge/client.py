@@ -18,8 +18,17 @@ level-0 coordinates (see :mod:`bridge.coords`).  Results come back as
 :class:`bridge.results.NucleusResult`, one per click, in click order, exactly
 as from the in-process engine.
 
+The server may be one ``HOST:PORT``, a list ``HOST:PORT,HOST:PORT,...`` or a
+gRPC target such as ``dns:///nuclick.lab.svc:50051`` (see :mod:`bridge.targets`):
+gRPC's own ``round_robin`` policy spreads the calls over every address, and
+its client-side health checking (the servers' standard health service) keeps
+new work off a replica that is NOT_SERVING (draining) or gone.
+
 Every call has a deadline (``timeout``) and is retried with exponential
-backoff while the server is UNAVAILABLE (restarting, briefly unreachable).
+backoff while the server is UNAVAILABLE (restarting, briefly unreachable, a
+replica killed mid-call: the retry goes to another replica).  A tile is a pure
+function of its request, so sending it again can change nothing: the answer
+of a run with a replica killed equals that of a run against one server.
 Errors the server reports (a bad tile, a wrong token, a limit) raise
 :class:`ServerError`, a :class:`bridge.errors.BridgeInputError` whose message
 names the server, the status and the reason.
@@ -32,10 +41,13 @@ Token and TLS come from arguments or the environment (``NUCLICK_BRIDGE_TOKEN``,
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +63,21 @@ from bridge.results import Click, NucleusResult
 from bridge.service.convert import click_to_pb, result_from_pb, tile_to_pb
 from bridge.service.gen import nuclick_pb2 as pb
 from bridge.service.gen import nuclick_pb2_grpc as pb_grpc
+from bridge.targets import parse_target
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_CONCURRENCY = 4
+HEALTH_SERVICE = "nuclick.v1.NuClick"
+# Codes that say "this replica, now" rather than "this request": the call is sent again
+# (to another replica under round_robin).  Our servers answer UNAVAILABLE while draining.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        # gRPC watches grpc.health.v1.Health of every address and picks only SERVING ones.
+        "healthCheckConfig": {"serviceName": HEALTH_SERVICE},
+    }
+)
 ENV_TOKEN = "NUCLICK_BRIDGE_TOKEN"
 ENV_CA = "NUCLICK_BRIDGE_CA"
 DEFAULT_MAX_TILE = 2048
@@ -136,12 +161,14 @@ def _read_bytes(value: bytes | str | Path | None) -> bytes | None:
 
 
 class NuClickClient:
-    """A connection to one server.  Thread-safe; reuse it for many calls.
+    """A channel to one server or a set of replicas (``target``: see
+    :mod:`bridge.targets`).  Thread-safe; reuse it for many calls.
 
     ``tls=True`` (or ``root_certificates``, a PEM path or bytes) uses TLS;
     ``token`` adds ``authorization: Bearer <token>`` to every call.
     ``timeout`` is the default deadline of a call in seconds; ``retries``
     how many times a call is retried while the server is UNAVAILABLE.
+    ``concurrency``: tiles in flight at once in :meth:`segment_tiled`.
     """
 
     def __init__(
@@ -157,8 +184,14 @@ class NuClickClient:
         max_backoff: float = 2.0,
         max_message_bytes: int = 256 << 20,
         encoding: str = "raw",
+        concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
-        self.target = target
+        parsed = parse_target(target)
+        if concurrency < 1:
+            raise BridgeInputError(f"--concurrency must be at least 1, not {concurrency}")
+        self.target = parsed.text
+        self.grpc_target = parsed.grpc
+        self.concurrency = int(concurrency)
         self.timeout = timeout
         self.retries = max(0, retries)
         self.backoff = backoff
@@ -172,16 +205,22 @@ class NuClickClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            # Spread calls over every address, only to replicas whose health is SERVING.
+            ("grpc.service_config", SERVICE_CONFIG),
+            # Transparent retries of calls that never reached a server; tiles that did are
+            # sent again by this client (gRPC's own retry buffer is smaller than a tile).
+            ("grpc.enable_retries", 1),
         ]
         roots = _read_bytes(root_certificates)
         if tls or roots is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=roots)
-            self._channel = grpc.secure_channel(target, creds, options=options)
+            self._channel = grpc.secure_channel(parsed.grpc, creds, options=options)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(parsed.grpc, options=options)
         self._stub = pb_grpc.NuClickStub(self._channel)
         self._info: ServerInfo | None = None
         self.retry_count = 0  # calls retried because the server was UNAVAILABLE, over this client's life
+        self._count_lock = threading.Lock()
 
     @classmethod
     def from_env(cls, target: str = DEFAULT_TARGET, **kwargs) -> NuClickClient:
@@ -204,7 +243,9 @@ class NuClickClient:
 
     # ------------------------------------------------------------ calling
 
-    def _call(self, method, request, timeout: float | None):
+    def _call(self, method, request, timeout: float | None, stop: threading.Event | None = None):
+        """One call within its deadline, sent again (with backoff) after a
+        transient error, at most ``retries`` times; ``stop`` ends the retrying."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         attempt = 0
@@ -215,11 +256,16 @@ class NuClickClient:
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
                 remaining = deadline - time.monotonic()
-                if code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries or remaining <= 0:
+                if code not in TRANSIENT or attempt >= self.retries or remaining <= 0:
                     raise _rpc_error(self.target, err) from None
-                time.sleep(min(self.backoff * 2**attempt, self.max_backoff, remaining))
+                pause = min(self.backoff * 2**attempt, self.max_backoff, remaining)
+                if stop is not None and stop.wait(pause):
+                    raise _rpc_error(self.target, err) from None
+                if stop is None:
+                    time.sleep(pause)
                 attempt += 1
-                self.retry_count += 1
+                with self._count_lock:
+                    self.retry_count += 1
 
     def info(self, timeout: float | None = None, refresh: bool = False) -> ServerInfo:
         """The server's model, device and limits (cached after the first call)."""
@@ -319,13 +365,55 @@ class NuClickClient:
                     raise failed[0] from None
                 code = err.code() if hasattr(err, "code") else None
                 late = deadline is not None and time.monotonic() >= deadline
-                if code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries or late:
+                if code not in TRANSIENT or attempt >= self.retries or late:
                     raise _rpc_error(self.target, err) from None
                 time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
                 attempt += 1
-                self.retry_count += 1
+                with self._count_lock:
+                    self.retry_count += 1
             finally:
                 call.cancel()
+
+    def segment_parallel(
+        self,
+        jobs: Iterable[TileJob],
+        *,
+        concurrency: int | None = None,
+        simplify_tolerance: float | None = None,
+        encoding: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[tuple[int, list[NucleusResult]]]:
+        """Many tiles as separate ``Segment`` calls, up to ``concurrency`` in
+        flight, so that round_robin spreads them over the replicas; yields
+        ``(index of the job, its results)`` as tiles complete.  Pixels are read
+        (``TileJob.image`` called) in the calling thread only, one tile at a
+        time: readers need not be thread-safe.  Each tile is retried on its own
+        (:meth:`_call`), so a replica that dies costs only its tiles in flight."""
+        n = self.concurrency if concurrency is None else int(concurrency)
+        if n < 1:
+            raise BridgeInputError(f"--concurrency must be at least 1, not {n}")
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nuclick-client")
+        inflight: dict[Future, tuple[int, TileJob]] = {}
+
+        def finished(block_until: int) -> Iterator[tuple[int, list[NucleusResult]]]:
+            while len(inflight) > block_until:
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: inflight[f][0]):
+                    k, job = inflight.pop(fut)
+                    yield k, self._results(fut.result(), job)
+
+        try:
+            for k, job in enumerate(jobs):
+                if not job.request_id:
+                    job.request_id = str(k)
+                req = self._request(job, encoding, simplify_tolerance)
+                inflight[pool.submit(self._call, self._stub.Segment, req, timeout, stop)] = (k, job)
+                yield from finished(n - 1)
+            yield from finished(0)
+        finally:
+            stop.set()  # an error (or an abandoned iterator): no more retries, nothing new starts
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _request(self, job: TileJob, encoding: str | None, tolerance: float | None) -> pb.SegmentRequest:
         image = job.image() if callable(job.image) else job.image
@@ -360,11 +448,14 @@ class NuClickClient:
         max_tile: int = DEFAULT_MAX_TILE,
         simplify_tolerance: float | None = None,
         progress: bool = False,
+        concurrency: int | None = None,
     ):
-        """Every click of an image, read tile by tile around the clicks and
-        streamed: the same :class:`bridge.segmentation.Segmentation` (results
-        in click order; ``masks`` are not sent back, so all None) as the
-        in-process engine gives on the whole image, also at tile borders."""
+        """Every click of an image, read tile by tile around the clicks, with
+        ``concurrency`` tiles in flight (default: the client's): the same
+        :class:`bridge.segmentation.Segmentation` (results in click order;
+        ``masks`` are not sent back, so all None) as the in-process engine
+        gives on the whole image, also at tile borders, whichever replica
+        answers which tile."""
         from tqdm import tqdm
 
         from bridge.segmentation import Segmentation, check_finite, outside_reasons
@@ -403,9 +494,9 @@ class NuClickClient:
             )
 
         bar = tqdm(total=len(plans), desc="tiles", unit="tile", disable=not progress, leave=False)
-        stream = self.segment_many(map(job, plans), simplify_tolerance=simplify_tolerance)
-        for plan, tile_results in zip(plans, stream, strict=True):
-            for k, r in zip(plan.members, tile_results, strict=True):
+        tiles = self.segment_parallel(map(job, plans), concurrency=concurrency, simplify_tolerance=simplify_tolerance)
+        for i, tile_results in tiles:
+            for k, r in zip(plans[i].members, tile_results, strict=True):
                 r.click = clicks[k]
                 results[k] = r
             bar.update(1)
@@ -421,6 +512,15 @@ class NuClickClient:
         req = health_pb2.HealthCheckRequest(service="nuclick.v1.NuClick")
         resp = self._call(stub.Check, req, timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def check_concurrency(args) -> int:
+    """A command's ``--concurrency`` (default :data:`DEFAULT_CONCURRENCY`), checked."""
+    n = getattr(args, "concurrency", None)
+    n = DEFAULT_CONCURRENCY if n is None else n
+    if not 1 <= n <= 256:
+        raise BridgeInputError(f"--concurrency must be between 1 and 256, not {n}")
+    return int(n)
 
 
 def _with_id(click: Click, new_id: str) -> Click:
@@ -543,17 +643,16 @@ class RemoteSegmenter:
 
     @classmethod
     def from_args(cls, args) -> RemoteSegmenter:
-        """From a command's ``--server HOST:PORT`` (and its --tolerance);
-        refuses flags that only make sense in-process."""
+        """From a command's ``--server`` (one server, a list, or a gRPC target
+        URI), ``--concurrency`` and ``--tolerance``; refuses flags that only make
+        sense in-process."""
         if getattr(args, "method", "nuclick") != "nuclick":
             raise BridgeInputError("--server runs NuClick on the server; --method watershed runs only locally")
         for flag in ("weights", "threshold"):
             if getattr(args, flag, None) is not None:
                 raise BridgeInputError(f"--{flag} is set on the server ('nuclick-bridge serve --{flag}'), not here")
-        target = str(args.server)
-        if ":" not in target:
-            raise BridgeInputError(f"--server needs HOST:PORT, not {target!r}")
-        client = NuClickClient.from_env(target)
+        parse_target(args.server)  # a bad target is one line before anything connects
+        client = NuClickClient.from_env(str(args.server), concurrency=check_concurrency(args))
         return cls(client, getattr(args, "tolerance", None))
 
     def segment(self, reader: RegionReader, clicks: Sequence[Click], progress: bool = False):

@@ -23,13 +23,46 @@ def add_device_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
 
 
+SERVER_HELP = (
+    "segment on running 'nuclick-bridge serve' replicas instead of in this process (same output): HOST:PORT, "
+    "a list HOST:PORT,HOST:PORT,... or a gRPC target such as dns:///nuclick.lab.svc:50051; calls are spread "
+    "over the healthy replicas. Token and TLS from NUCLICK_BRIDGE_TOKEN / NUCLICK_BRIDGE_CA"
+)
+
+
+def add_server_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--server and --concurrency, the same for every command that can segment on a server."""
+    p.add_argument("--server", default=None, metavar="TARGET", help=SERVER_HELP)
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --server: tiles in flight at once (default: 4; about 2 per replica keeps every replica busy)",
+    )
+
+
+def check_server_options(args: argparse.Namespace) -> None:
+    """One line for a bad --server or --concurrency, before any work starts."""
+    if getattr(args, "concurrency", None) is not None and not getattr(args, "server", None):
+        raise BridgeInputError("--concurrency applies to --server only")
+    if getattr(args, "server", None) is not None:
+        from bridge.targets import parse_target
+
+        parse_target(args.server)
+        n = getattr(args, "concurrency", None)
+        if n is not None and not 1 <= n <= 256:
+            raise BridgeInputError(f"--concurrency must be between 1 and 256, not {n}")
+
+
 def make_segmenter(args: argparse.Namespace):
     """The NuClick engine or the watershed baseline, as the flags ask.
 
     Both offer ``segment(reader, clicks, progress=False) -> Segmentation``.
     """
     tolerance = getattr(args, "tolerance", 0.5)
-    if getattr(args, "server", None):
+    check_server_options(args)
+    if getattr(args, "server", None) is not None:
         from bridge.client import RemoteSegmenter
 
         return RemoteSegmenter.from_args(args)

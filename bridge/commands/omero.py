@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-from bridge.commands.common import add_device_options
+from bridge.commands.common import add_device_options, add_server_options, check_server_options
 from bridge.errors import BridgeInputError
 
 DEFAULT_PASSWORD_ENV = "OMERO_PASSWORD"
@@ -74,12 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
     eng = p.add_argument_group("segmentation")
-    eng.add_argument(
-        "--server",
-        default=None,
-        metavar="HOST:PORT",
-        help="segment on a running 'nuclick-bridge serve' instead of in this process",
-    )
+    add_server_options(eng)
     eng.add_argument(
         "--method",
         default="nuclick",
@@ -119,6 +114,7 @@ def _secret(args: argparse.Namespace) -> tuple[str | None, str | None]:
 def run(args: argparse.Namespace) -> int:
     if args.max_tile < 256:
         raise BridgeInputError("--max-tile must be at least 256")
+    check_server_options(args)  # a bad --server is one line before anything logs in
     password, session_key = _secret(args)
     try:
         from bridge.connectors import omero_gateway

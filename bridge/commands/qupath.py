@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from bridge.commands.common import add_device_options
+from bridge.commands.common import add_device_options, add_server_options
 
 
 def _add_project(p: argparse.ArgumentParser) -> None:
@@ -42,12 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: skip points that already have one). Your own objects are never touched.",
     )
     p.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
-    p.add_argument(
-        "--server",
-        default=None,
-        metavar="HOST:PORT",
-        help="segment on a running 'nuclick-bridge serve' instead of in this process",
-    )
+    add_server_options(p)
     p.add_argument("--tolerance", type=float, default=0.5, help="polygon simplification in px (default: 0.5)")
     p.add_argument(
         "--method",
@@ -68,16 +63,6 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default=None, metavar="RUN_ID", help="only the detections of this run (default: all)")
 
 
-def _check_server(server: str | None) -> None:
-    from bridge.errors import BridgeInputError
-
-    if server is None:
-        return
-    host, sep, port = server.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BridgeInputError(f"--server must be HOST:PORT, not {server!r}")
-
-
 def run(args: argparse.Namespace) -> int:
     from bridge.connectors.qupath_paquo import open_project, project_file
 
@@ -87,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from bridge.commands.common import check_server_options
     from bridge.errors import BridgeInputError
 
-    _check_server(args.server)
+    check_server_options(args)
     if args.tolerance < 0:
         raise BridgeInputError("--tolerance must be >= 0")
 

@@ -39,5 +39,14 @@ def run(args: argparse.Namespace) -> int:
         "out": str(out),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    client = getattr(segmenter, "client", None)
+    if client is not None:  # --server: tiles sent again because a replica was unavailable (none lost)
+        summary["retries"] = client.retry_count
+        if client.retry_count:
+            print(
+                f"note: {client.retry_count} tile(s) were sent again because a server was unavailable; "
+                "every click was answered once",
+                file=sys.stderr,
+            )
     print(json.dumps(summary))
     return 0

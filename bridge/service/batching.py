@@ -70,6 +70,7 @@ class Batcher:
         max_batch: int = 32,
         max_wait_s: float = 0.002,
         on_start: Callable[[], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -82,6 +83,7 @@ class Batcher:
         self._stats = BatchStats()
         self._stopped = False
         self._on_start = on_start
+        self._on_batch = on_batch  # e.g. the batch-size histogram of /metrics
         self._thread = threading.Thread(target=self._loop, name="nuclick-batcher", daemon=True)
         self._thread.start()
 
@@ -199,6 +201,8 @@ class Batcher:
             self._stats.patches += len(inputs)
             self._stats.chunks += len(live)
             self._stats.largest_batch = max(self._stats.largest_batch, len(inputs))
+        if self._on_batch is not None:
+            self._on_batch(len(inputs))
         start = 0
         for c in live:
             c.output = outputs[start : start + len(c.inputs)]

@@ -30,6 +30,7 @@ from bridge.segmentation import outside_reasons
 from bridge.service.batching import Batcher, Cancelled, ShuttingDown
 from bridge.service.convert import ServiceError, decode_tile, invalid, result_to_pb, too_big
 from bridge.service.gen import nuclick_pb2 as pb
+from bridge.service.metrics import ServiceMetrics
 
 log = logging.getLogger("bridge.service")
 
@@ -110,12 +111,17 @@ class SegmentService:
         self.limits = limits or Limits()
         self.limits.check()
         self.auth_required = auth_required
+        self.metrics = ServiceMetrics()
         self.batcher = Batcher(
             engine.predict,
             self.limits.max_batch,
             self.limits.batch_wait_ms / 1000.0,
             on_start=(lambda: _set_torch_threads(threads)) if threads else None,
+            on_batch=self.metrics.batch_size.observe,
         )
+        self.metrics.watch_queue(lambda: self.batcher.stats()["queued_chunks"])
+        device = getattr(engine, "device", "cpu")
+        self.metrics.set_model(engine.info.name, engine.info.version, getattr(device, "type", str(device)))
         self.default_tolerance = float(getattr(engine, "tolerance", 0.5))
         window = self.limits.stream_window
         self._pool = ThreadPoolExecutor(
@@ -130,6 +136,12 @@ class SegmentService:
     # --------------------------------------------------------------- info
 
     def model_info(self) -> pb.GetModelInfoResponse:
+        t0 = time.perf_counter()
+        out = self._model_info()
+        self.metrics.observe("GetModelInfo", "OK", time.perf_counter() - t0)
+        return out
+
+    def _model_info(self) -> pb.GetModelInfoResponse:
         info = self.engine.info
         device = getattr(self.engine, "device", "cpu")
         kind = getattr(device, "type", str(device))
@@ -262,12 +274,18 @@ class SegmentService:
     # ------------------------------------------------------------ segment
 
     def segment(
-        self, req: pb.SegmentRequest, cancel: threading.Event | None = None, admit: bool = True
+        self,
+        req: pb.SegmentRequest,
+        cancel: threading.Event | None = None,
+        admit: bool = True,
+        method: str = "Segment",
     ) -> pb.SegmentResponse:
         """Answer one request, or raise :class:`ServiceError`.  ``admit=False``
         for the requests of a stream that is already open: a draining server
-        refuses new calls but finishes the ones in flight."""
+        refuses new calls but finishes the ones in flight.  ``method`` labels
+        the metrics."""
         t0 = time.perf_counter()
+        self.metrics.in_flight.inc()
         with self._lock:
             if self._closed and admit:
                 raise ServiceError("UNAVAILABLE", "the server is shutting down")
@@ -316,6 +334,9 @@ class SegmentService:
                 self._active_calls -= 1
                 if status not in ("OK", "CANCELLED"):
                     self._counts["errors"] += 1
+            self.metrics.in_flight.dec()
+            answered = sum(1 for c in req.clicks if not c.context_only)
+            self.metrics.observe(method, status, time.perf_counter() - t0, answered, found)
             log_event(
                 "segment",
                 request_id=req.request_id,
@@ -329,7 +350,7 @@ class SegmentService:
     def segment_one(self, req: pb.SegmentRequest, cancel: threading.Event | None) -> pb.SegmentResponse:
         """For streams: a failed request becomes a response with ``error`` set."""
         try:
-            return self.segment(req, cancel, admit=False)
+            return self.segment(req, cancel, admit=False, method="SegmentStream")
         except ServiceError as exc:
             if exc.code in ("CANCELLED", "UNAVAILABLE"):
                 raise

@@ -10,6 +10,8 @@ enums by name.  Routes:
     POST /v1/segmentStream  NDJSON, one SegmentRequest per line -> NDJSON of
                             SegmentResponse, chunked, in order
     GET  /healthz           {"status": "SERVING"} (503 while shutting down)
+    GET  /metrics           Prometheus' text format (bridge.service.metrics); it needs
+                            the token like /v1/*, and still answers while draining
 
 Errors carry the gRPC status name and the same message as over gRPC:
 ``{"code": "INVALID_ARGUMENT", "message": "..."}`` with the HTTP status of
@@ -33,6 +35,7 @@ from bridge.service.auth import TokenCheck
 from bridge.service.convert import HTTP_STATUS, ServiceError
 from bridge.service.core import SegmentService, log_event
 from bridge.service.gen import nuclick_pb2 as pb
+from bridge.service.metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("bridge.service.http")
 
@@ -126,6 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", "/v1/segment"): self._segment,
             ("POST", "/v1/segmentStream"): self._stream,
             ("GET", "/healthz"): self._health,
+            ("GET", "/metrics"): self._metrics,
         }
         handler = routes.get((method, path))
         if handler is None:
@@ -135,7 +139,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ServiceError("UNIMPLEMENTED", f"{method} is not allowed on {path}", http_status=405)
             raise ServiceError("NOT_FOUND", f"no such route: {method} {path}")
         if path != "/healthz":
-            if gw.refusing:
+            if gw.refusing and path != "/metrics":  # a draining replica can still be watched
                 self.close_connection = True
                 raise ServiceError("UNAVAILABLE", "the server is shutting down")
             self._authorize()
@@ -178,6 +182,9 @@ class _Handler(BaseHTTPRequestHandler):
         gw = self.server.gateway
         status = "NOT_SERVING" if gw.refusing else "SERVING"
         self._send(503 if gw.refusing else 200, json.dumps({"status": status}).encode())
+
+    def _metrics(self) -> None:
+        self._send(200, self.server.gateway.service.metrics.render(), CONTENT_TYPE_LATEST)
 
     def _model(self) -> None:
         self._send(200, to_json(self.server.gateway.service.model_info()))

@@ -1,0 +1,74 @@
+"""Prometheus metrics of one server, served as ``GET /metrics`` on the HTTP port.
+
+Every server has its own :class:`prometheus_client.CollectorRegistry` (not the
+process-wide default), so that several servers in one process (tests,
+embedders) count apart.  Names:
+
+- ``nuclick_requests_total{method,code}``: calls by method (``Segment``,
+  ``SegmentStream`` per tile, ``GetModelInfo``) and gRPC status name.
+- ``nuclick_clicks_total``: clicks answered (context-only clicks excluded), so
+  that over the replicas of a run the counters add up to the run's clicks.
+- ``nuclick_nuclei_found_total``: of those, how many got a nucleus.
+- ``nuclick_request_duration_seconds{method}``: latency histogram.
+- ``nuclick_batch_size``: patches per network batch (histogram).
+- ``nuclick_queue_depth``: chunks of patches waiting for the network.
+- ``nuclick_requests_in_flight``: segment calls being answered now.
+- ``nuclick_model_info{model,version,device}``: 1, for joining the rest on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServiceMetrics:
+    """The counters, histograms and gauges of one :class:`SegmentService`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "nuclick_requests", "Calls answered, by method and gRPC status", ["method", "code"], registry=r
+        )
+        self.clicks = Counter("nuclick_clicks", "Clicks answered (context-only clicks excluded)", registry=r)
+        self.nuclei = Counter("nuclick_nuclei_found", "Clicks answered with a nucleus", registry=r)
+        self.latency = Histogram(
+            "nuclick_request_duration_seconds",
+            "Time to answer a call, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "nuclick_batch_size", "Patches per network batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("nuclick_queue_depth", "Chunks of patches waiting for the network", registry=r)
+        self.in_flight = Gauge("nuclick_requests_in_flight", "Segment calls being answered now", registry=r)
+        self.model = Gauge(
+            "nuclick_model_info", "The model served (always 1)", ["model", "version", "device"], registry=r
+        )
+
+    def set_model(self, name: str, version: str, device: str) -> None:
+        self.model.labels(model=name, version=version, device=device).set(1)
+
+    def watch_queue(self, depth: Callable[[], float]) -> None:
+        """Read the queue depth when scraped, not on every change."""
+        self.queue_depth.set_function(depth)
+
+    def observe(self, method: str, code: str, seconds: float, clicks: int = 0, found: int = 0) -> None:
+        self.requests.labels(method=method, code=code).inc()
+        self.latency.labels(method=method).observe(seconds)
+        if code == "OK":
+            self.clicks.inc(clicks)
+            self.nuclei.inc(found)
+
+    def render(self) -> bytes:
+        """Prometheus' text exposition format."""
+        return generate_latest(self.registry)
