@@ -29,7 +29,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint install-omero java-test
+test: lint install-omero java-test deploy-deps
 	$(BIN)/python -m pytest -q
 
 bench: install
@@ -65,3 +65,11 @@ java-deps:
 
 java-test: java-deps
 	bash qupath_extension/javatest.sh test --details=summary --disable-ansi-colors
+
+# Scale-out checks (tests/test_nginx_proxy.py, tests/test_deploy.py): Debian's nginx for the
+# reverse-proxy test (installed quietly when /usr/sbin/nginx is missing) and kubernetes-validate,
+# which ships the Kubernetes JSON schemas, for checking deploy/kubernetes/ offline.
+.PHONY: deploy-deps
+deploy-deps: install
+	bash scripts/install_nginx.sh
+	$(BIN)/python -c "import kubernetes_validate" 2>/dev/null || $(BIN)/pip install -q "kubernetes-validate>=1.30"
