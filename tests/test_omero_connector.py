@@ -10,22 +10,26 @@ when OMERO_HOST, OMERO_USER and OMERO_PASSWORD are set (``-m omero``).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import copy
 import json
 import os
+import threading
 from typing import ClassVar
 
 import numpy as np
+import omero_env
 import pytest
 from scipy import ndimage as ndi
 from shapely.geometry import Point, Polygon
 
-if os.environ.get("CI"):
-    import omero  # CI installs omero-py ('make install-omero'): a missing one is a failure, not a skip
-else:
-    omero = pytest.importorskip("omero", reason="omero-py is not installed: run 'make install-omero'")
-
+if reason := omero_env.skip_reason():  # only where omero-py is not installed (and not in CI)
+    pytest.skip(reason, allow_module_level=True)
 import Ice
-from omero.gateway import DatasetWrapper, ImageWrapper, ProjectWrapper, ServiceOptsDict
+import omero  # installed: a broken install is a failure, never a skip
+import omero.clients
+from omero.gateway import BlitzGateway, DatasetWrapper, ImageWrapper, ProjectWrapper, ServiceOptsDict
 from omero.model import (
     DatasetI,
     ExperimenterGroupI,
@@ -60,49 +64,248 @@ from bridge.imageio import ArrayReader
 from bridge.results import Click, NucleusResult
 from bridge.watershed import WatershedSegmenter
 
-GROUP = 53
+GROUP = 53  # the user's default group
+OTHER_GROUP = 54
 
 # ---------------------------------------------------------------- the gateway double
 
+_CALLBACKS: list = []  # one Ice communicator and adapter for command callbacks, made on first use
+
+
+def _callback_adapter():
+    """A real, activated Ice object adapter on loopback: where omero-py's CmdCallbackI lives."""
+    if not _CALLBACKS:
+        ic = Ice.initialize()
+        adapter = ic.createObjectAdapterWithEndpoints("nb-test-callbacks", "tcp -h 127.0.0.1")
+        adapter.activate()
+        atexit.register(ic.destroy)
+        _CALLBACKS.append(adapter)
+    return _CALLBACKS[0]
+
+
+def _group(ctx) -> int:
+    """The group a call runs in: the context's omero.group, or the user's default group."""
+    g = None if ctx is None else ctx.getOmeroGroup()
+    return GROUP if g is None else int(g)
+
+
+class _Handle:
+    """A submitted command (omero.cmd.HandlePrx) as the server keeps it: a response once it finished,
+    and the client's callbacks, told through Ice (``CmdCallbackPrx.finished``) when it does."""
+
+    def __init__(self):
+        self.response = None
+        self.status = None
+        self.callbacks = []
+        self.closed = False
+        self.lock = threading.Lock()
+
+    def addCallback(self, prx, ctx=None):
+        with self.lock:
+            self.callbacks.append(prx)
+
+    def getResponse(self, ctx=None):
+        return self.response
+
+    def getStatus(self, ctx=None):
+        return self.status
+
+    def close(self, ctx=None):
+        self.closed = True
+
+    def finish(self, rsp, failed=False):
+        with self.lock:
+            self.status = omero.cmd.Status(flags=[omero.cmd.State.FAILURE] if failed else [])
+            self.response = rsp
+            callbacks = list(self.callbacks)
+        for prx in callbacks:
+            with contextlib.suppress(Ice.Exception):  # the client stopped waiting and removed it
+                prx.finished(rsp, self.status)
+
 
 class _Store(TileStore):
-    def __init__(self, server: InMemoryOmero):
-        super().__init__({}, tile=server.tile_size)
-        self.server = server
+    """The connection's RawPixelsStore.  As with BlitzGateway, ``createRawPixelsStore()`` returns the same
+    one every time; ``close()`` ends the service, and the next one knows no pixels until ``setPixelsId``."""
+
+    def __init__(self, conn: Gateway):
+        super().__init__({}, tile=conn.server.tile_size)
+        self.conn = conn
+        self.planes = None
 
     def setPixelsId(self, pid, bypass, ctx=None):
-        self.server.check_group(ctx)
-        self.planes = self.server.pixels[pid]
-        self.server.stores.append(self)
+        self.conn.check("setPixelsId")
+        group = _group(ctx)
+        if group != self.conn.server.group_of_pixels(pid):  # a stateful service runs in one group, never -1
+            raise omero.SecurityViolation(message=f"Pixels:{pid} is not in group {group}")
+        self.pixels_id = pid
+        self.planes = self.conn.server.pixels[pid]
 
-    def getTile(self, *args):
-        self.server.maybe_drop("getTile")
-        return super().getTile(*args)
+    def getResolutionLevels(self):
+        self._opened()
+        return super().getResolutionLevels()
+
+    def getTile(self, z, c, t, x, y, w, h):
+        self.conn.check("getTile")
+        self._opened()
+        data = super().getTile(z, c, t, x, y, w, h)
+        self.conn.server.tiles.append((self.pixels_id, self.level, z, c, t, x, y, w, h))
+        return data
+
+    def _opened(self):
+        if self.planes is None:
+            raise omero.ApiUsageException(message="no pixels set: call setPixelsId first")
+
+    def close(self):
+        super().close()
+        self.planes = self.pixels_id = self.level = None
+
+
+class _Client:
+    """The omero.client behind a connection, as far as omero-py's own command waiting uses it."""
+
+    waitOnCmd = omero.clients.BaseClient.waitOnCmd  # omero-py's code, unchanged
+
+    def __init__(self, conn: Gateway):
+        self.conn = conn
+        self.sf = self  # the ServiceFactory: only submit() is used
+
+    def getAdapter(self):
+        return _callback_adapter()
+
+    def getCategory(self):
+        return "nb-test"
+
+    def submit(self, request, ctx=None):
+        self.conn.check("delete")
+        return self.conn.server.submit(request, _group(ctx))
+
+
+class Gateway:
+    """One BlitzGateway connection: exactly the calls the connector makes, nothing else.
+
+    * ``SERVICE_OPTS``: a real ``omero.gateway.ServiceOptsDict``; every lookup respects its group
+      (-1: all of the user's groups; unset: the default group), as the server's filters do;
+    * ``getObject(type, id)`` for Dataset / Project and ``getObject("Image", id, opts={"load_pixels":
+      True})``: real omero.gateway wrappers around *copies* of the stored objects, or None;
+    * ``getObjects("Image", opts={"dataset": id})``, ``getObjects("Dataset", opts={"project": id})``;
+    * ``getRoiService().findByImage(image_id, None, ctx)`` -> ``omero.api.RoiResult`` of copies;
+    * ``createRawPixelsStore()`` -> the connection's one shared RawPixelsStore (:class:`_Store`);
+    * ``getUpdateService().saveAndReturnArray(objects, ctx)``: in the image's group only (else
+      ``omero.SecurityViolation``); one transaction; the caller's objects stay unsaved, copies with ids
+      come back;
+    * ``deleteObjects`` and its waiting are omero-py's own (``BlitzGateway.deleteObjects``,
+      ``omero.client.waitOnCmd``, ``CmdCallbackI`` on a real Ice adapter): only the command's
+      submission and its handle are simulated, by the server (:meth:`InMemoryOmero.submit`);
+    * ``keepAlive()``, ``close(hard=True)``.
+
+    After the connection drops, every call raises ``Ice.ConnectionLostException``.
+    """
+
+    deleteObjects = BlitzGateway.deleteObjects
+    _waitOnCmd = BlitzGateway._waitOnCmd
+
+    def __init__(self, server: InMemoryOmero):
+        self.server = server
+        self.SERVICE_OPTS = ServiceOptsDict()
+        self.c = _Client(self)
+        self.alive = True
+        self.closed: str | None = None  # "hard" (session killed) or "soft" (detached)
+        self._store: _Store | None = None
+
+    def check(self, call, iid=None):
+        """Fail the way the server was told to (``server.drop`` / ``server.refuse``) before ``call``."""
+        if self.closed or not self.alive:
+            raise Ice.ConnectionLostException()
+        target = self.server.drop.get(call)
+        if target is True or (target is not None and target == iid):
+            self.alive = False
+            raise Ice.ConnectionLostException()
+        if call in self.server.refuse:
+            raise omero.SecurityViolation(message=self.server.refuse[call])
+
+    def group(self) -> int:
+        return _group(self.SERVICE_OPTS)
+
+    # -- the gateway calls
+
+    def getObject(self, obj_type, oid, opts=None):
+        self.check("getObject")
+        if obj_type == "Image":
+            assert opts == {"load_pixels": True}  # else the wrapper would query again for the pixels
+            img = self.server.images.get(oid)
+            if img is None or not self.server.visible(self.group(), img):
+                return None
+            return ImageWrapper(self, copy.deepcopy(img))
+        if obj_type == "Dataset":
+            return DatasetWrapper(self, DatasetI(oid, True)) if oid in self.server.datasets else None
+        if obj_type == "Project":
+            return ProjectWrapper(self, ProjectI(oid, True)) if oid in self.server.projects else None
+        raise AssertionError(f"getObject({obj_type!r}) is not a call the connector makes")
+
+    def getObjects(self, obj_type, opts):
+        self.check("getObjects")
+        if obj_type == "Image":
+            images = [self.server.images[i] for i in self.server.datasets[opts["dataset"]]]
+            return [ImageWrapper(self, copy.deepcopy(i)) for i in images if self.server.visible(self.group(), i)]
+        if obj_type == "Dataset":
+            return [DatasetWrapper(self, DatasetI(d, True)) for d in self.server.projects[opts["project"]]]
+        raise AssertionError(f"getObjects({obj_type!r}) is not a call the connector makes")
+
+    def getRoiService(self):
+        return self
+
+    def findByImage(self, image_id, options, ctx):
+        self.check("findByImage", image_id)
+        img = self.server.images.get(image_id)
+        if img is None or not self.server.visible(_group(ctx), img):
+            return omero.api.RoiResult(rois=[])  # the server's group filter hides it
+        return omero.api.RoiResult(rois=[copy.deepcopy(r) for r in self.server.rois.get(image_id, [])])
+
+    def createRawPixelsStore(self):
+        if self._store is None:
+            self._store = _Store(self)
+            self.server.stores.append(self._store)
+        return self._store
+
+    def getUpdateService(self):
+        return self
+
+    def saveAndReturnArray(self, objects, ctx):
+        assert all(isinstance(o, RoiI) for o in objects)
+        image_ids = {unwrap(o.getImage().getId()) for o in objects}
+        assert len(image_ids) == 1, "one batch per image"
+        (iid,) = image_ids
+        self.check("save", iid)
+        group = _group(ctx)
+        if group != self.server.images[iid].getDetails().getGroup().getId().val:
+            raise omero.SecurityViolation(message=f"cannot link to Image:{iid} from group {group}")
+        stored = self.server.store_rois([copy.deepcopy(o) for o in objects])
+        self.server.saves.append(stored)
+        if self.server.lose_reply.get("save") == iid:  # committed; the reply never arrives
+            self.alive = False
+            raise Ice.ConnectionLostException()
+        return [copy.deepcopy(o) for o in stored]
+
+    def keepAlive(self):
+        return self.alive and not self.closed
+
+    def close(self, hard=True):
+        self.closed = "hard" if hard else "soft"
 
 
 class InMemoryOmero:
-    """A BlitzGateway double: exactly the calls the connector makes, nothing else.
+    """The server's side: images, pixels, ROIs (real ``omero.model`` objects), and how it fails.
 
-    * ``SERVICE_OPTS``: a real ``omero.gateway.ServiceOptsDict`` (``setOmeroGroup``);
-    * ``getObject(type, id)`` for Dataset / Project and ``getObject("Image", id,
-      opts={"load_pixels": True})``: real omero.gateway wrappers around the stored
-      model objects, or None;
-    * ``getObjects("Image", opts={"dataset": id})``, ``getObjects("Dataset", opts={"project": id})``;
-    * ``getRoiService().findByImage(image_id, None, ctx)`` -> ``omero.api.RoiResult``;
-    * ``createRawPixelsStore()`` -> a RawPixelsStore serving tiles of in-memory pyramids
-      (``setPixelsId``, ``getResolutionLevels``, ``setResolutionLevel``,
-      ``getResolutionDescriptions``, ``getTileSize``, ``getTile``, ``close``);
-    * ``getUpdateService().saveAndReturnArray(objects, ctx)``: gives ids, keeps the ROIs;
-    * ``deleteObjects("Roi", ids, deleteAnns=True, deleteChildren=True, wait=True)``;
-    * ``keepAlive()``, ``close()``.
-
-    ``drop = {"save"|"findByImage"|"getTile": image id or True}`` makes that call
-    raise ``Ice.ConnectionLostException`` (the server dropping mid-run);
-    ``refuse = {"save": message}`` makes it raise ``omero.SecurityViolation``.
+    ``connect()`` opens a :class:`Gateway`.  ``drop = {call: image id or True}`` makes that call
+    ("getObject", "getObjects", "findByImage", "setPixelsId", "getTile", "save", "delete") raise
+    ``Ice.ConnectionLostException`` and kills the connection; ``lose_reply = {"save": image id}``
+    commits the save and then drops the connection; ``refuse = {call: message}`` raises
+    ``omero.SecurityViolation``.  ``delete_mode`` is what a submitted delete does: "now" (finishes at
+    once), ("after", seconds) (finishes later; the client is told through its callback), "never",
+    or ("refuse", message) (an ``omero.cmd.GraphException`` response; nothing deleted).
     """
 
     def __init__(self, tile_size=(256, 256)):
-        self.SERVICE_OPTS = ServiceOptsDict()
         self.tile_size = tile_size
         self.images: dict[int, ImageI] = {}
         self.pixels: dict[int, dict[tuple[int, int], list[np.ndarray]]] = {}
@@ -111,17 +314,25 @@ class InMemoryOmero:
         self.projects: dict[int, list[int]] = {}
         self.saves: list[list[RoiI]] = []
         self.deletes: list[list[int]] = []
+        self.handles: list[_Handle] = []
         self.stores: list[_Store] = []
+        self.tiles: list[tuple] = []  # (pixels id, level, z, c, t, x, y, w, h) of every getTile
+        self.connections: list[Gateway] = []
         self.drop: dict[str, object] = {}
-        self.refuse: dict[str, str] = {}  # call -> message of an omero.SecurityViolation it raises
-        self.alive = True
-        self.closed = False
+        self.lose_reply: dict[str, int] = {}
+        self.refuse: dict[str, str] = {}
+        self.delete_mode: object = "now"
         self._next_id = 1000
-        self._current_image: int | None = None
+        self.lock = threading.Lock()
+
+    def connect(self) -> Gateway:
+        conn = Gateway(self)
+        self.connections.append(conn)
+        return conn
 
     # -- set-up helpers (not part of the gateway)
 
-    def add_image(self, iid, planes, name="slide", size_c=3, ptype="uint8", levels=1):
+    def add_image(self, iid, planes, name="slide", size_c=3, ptype="uint8", levels=1, group=GROUP):
         """``planes``: {(z, t): (H, W, 3) uint8 array} (or one array for a 1-plane image)."""
         if isinstance(planes, np.ndarray):
             planes = {(0, 0): planes}
@@ -140,42 +351,81 @@ class InMemoryOmero:
         ptype_obj.setValue(rstring(ptype))
         px.setPixelsType(ptype_obj)
         img.addPixels(px)
-        img.getDetails().setGroup(ExperimenterGroupI(GROUP, False))
+        img.getDetails().setGroup(ExperimenterGroupI(group, False))
         self.images[iid] = img
         self.pixels[pid] = {k: make_pyramid(v, levels) for k, v in planes.items()}
         self.rois.setdefault(iid, [])
         return img
 
     def add_rois(self, iid, rois):
+        """The user's own ROIs, saved by their client: ``rois`` get their ids; the server keeps copies."""
         for roi in rois:
             roi.setImage(ImageI(iid, False))
-        self._store_rois(rois)
+        for roi, stored in zip(rois, self.store_rois([copy.deepcopy(r) for r in rois]), strict=True):
+            roi.setId(stored.getId())
+            for shape, kept in zip(roi.copyShapes(), stored.copyShapes(), strict=True):
+                shape.setId(kept.getId())
+
+    def group_of_pixels(self, pid) -> int:
+        (img,) = [i for i in self.images.values() if i.getPrimaryPixels().getId().val == pid]
+        return img.getDetails().getGroup().getId().val
+
+    def visible(self, group: int, img: ImageI) -> bool:
+        return group == -1 or group == img.getDetails().getGroup().getId().val
 
     def _id(self):
         self._next_id += 1
         return rlong(self._next_id)
 
-    def _store_rois(self, rois):
-        for roi in rois:
-            roi.setId(self._id())
-            for shape in roi.copyShapes():
-                shape.setId(self._id())
-            for link in roi.copyAnnotationLinks():
-                link.setId(self._id())
-                link.getChild().setId(self._id())
-            self.rois[unwrap(roi.getImage().getId())].append(roi)
+    def store_rois(self, rois):
+        with self.lock:
+            for roi in rois:
+                roi.setId(self._id())
+                for shape in roi.copyShapes():
+                    shape.setId(self._id())
+                for link in roi.copyAnnotationLinks():
+                    link.setId(self._id())
+                    link.getChild().setId(self._id())
+                self.rois[unwrap(roi.getImage().getId())].append(roi)
+        return rois
 
-    def maybe_drop(self, call, iid=None):
-        target = self.drop.get(call)
-        if target is True or (target is not None and target == iid):
-            self.alive = False
-            raise Ice.ConnectionLostException()
-        if call in self.refuse:
-            raise omero.SecurityViolation(message=self.refuse[call])
+    def submit(self, request, group):
+        """A command from ``deleteObjects``: the ``Delete2`` omero-py built; its handle."""
+        assert isinstance(request, omero.cmd.Delete2) and set(request.targetObjects) == {"Roi"}
+        ids = [int(i) for i in request.targetObjects["Roi"]]
+        handle = _Handle()
+        self.handles.append(handle)
+        mode = self.delete_mode
+        if mode == "now":
+            handle.finish(self.delete(ids, group))
+        elif isinstance(mode, tuple) and mode[0] == "after":
+            threading.Timer(mode[1], lambda: handle.finish(self.delete(ids, group))).start()
+        elif isinstance(mode, tuple) and mode[0] == "refuse":
+            handle.finish(omero.cmd.GraphException(name="ome.services.graphs.GraphException", message=mode[1]), True)
+        else:
+            assert mode == "never", mode
+        return handle
 
-    def check_group(self, ctx):
-        # reads and writes must run in the image's group, not "all groups" (-1)
-        assert ctx is not None and str(ctx.getOmeroGroup()) == str(GROUP), ctx
+    def delete(self, ids, group):
+        """Delete the ROIs of ``ids`` visible in ``group`` (with shapes and annotations): a Delete2Response."""
+        deleted: dict[str, list[int]] = {}
+        with self.lock:
+            for iid, rois in self.rois.items():
+                if not self.visible(group, self.images[iid]):
+                    continue
+                for roi in [r for r in rois if unwrap(r.getId()) in ids]:
+                    rois.remove(roi)
+                    deleted.setdefault("ome.model.roi.Roi", []).append(unwrap(roi.getId()))
+                    for shape in roi.copyShapes():
+                        deleted.setdefault(f"ome.model.roi.{type(shape).__name__[:-1]}", []).append(
+                            unwrap(shape.getId())
+                        )
+                    for link in roi.copyAnnotationLinks():
+                        deleted.setdefault("ome.model.annotations.MapAnnotation", []).append(
+                            unwrap(link.getChild().getId())
+                        )
+            self.deletes.append(sorted(deleted.get("ome.model.roi.Roi", [])))
+        return omero.cmd.Delete2Response(deletedObjects=deleted)
 
     def user_snapshot(self):
         """Every ROI that is not ours, as plain data."""
@@ -193,65 +443,16 @@ class InMemoryOmero:
         return out
 
     def ours(self, iid):
+        """Our ROIs on the image, as stored (editing one is someone else editing it on the server)."""
         return [r for r in self.rois[iid] if parse_description(unwrap(r.getDescription()))]
 
-    # -- the gateway calls
-
-    def getObject(self, obj_type, oid, opts=None):
-        if obj_type == "Image":
-            assert opts == {"load_pixels": True}  # else the wrapper would query again for the pixels
-            img = self.images.get(oid)
-            return None if img is None else ImageWrapper(self, img)
-        if obj_type == "Dataset":
-            return DatasetWrapper(self, DatasetI(oid, True)) if oid in self.datasets else None
-        if obj_type == "Project":
-            return ProjectWrapper(self, ProjectI(oid, True)) if oid in self.projects else None
-        raise AssertionError(f"getObject({obj_type!r}) is not a call the connector makes")
-
-    def getObjects(self, obj_type, opts):
-        if obj_type == "Image":
-            return [ImageWrapper(self, self.images[i]) for i in self.datasets[opts["dataset"]]]
-        if obj_type == "Dataset":
-            return [DatasetWrapper(self, DatasetI(d, True)) for d in self.projects[opts["project"]]]
-        raise AssertionError(f"getObjects({obj_type!r}) is not a call the connector makes")
-
-    def getRoiService(self):
-        return self
-
-    def findByImage(self, image_id, options, ctx):
-        self.check_group(ctx)
-        self.maybe_drop("findByImage", image_id)
-        return omero.api.RoiResult(rois=list(self.rois.get(image_id, [])))
-
-    def createRawPixelsStore(self):
-        return _Store(self)
-
-    def getUpdateService(self):
-        return self
-
-    def saveAndReturnArray(self, objects, ctx):
-        self.check_group(ctx)
-        assert all(isinstance(o, RoiI) for o in objects)
-        image_ids = {unwrap(o.getImage().getId()) for o in objects}
-        assert len(image_ids) == 1, "one batch per image"
-        self.maybe_drop("save", next(iter(image_ids)))
-        self._store_rois(objects)
-        self.saves.append(list(objects))
-        return list(objects)
-
-    def deleteObjects(self, graph, ids, deleteAnns=False, deleteChildren=False, wait=False):
-        assert graph == "Roi" and isinstance(ids, list) and deleteAnns and deleteChildren and wait
-        self.maybe_drop("delete")
-        ids = set(ids)
-        for iid in self.rois:
-            self.rois[iid] = [r for r in self.rois[iid] if unwrap(r.getId()) not in ids]
-        self.deletes.append(sorted(ids))
-
-    def keepAlive(self):
-        return self.alive
-
-    def close(self):
-        self.closed = True
+    def runs_by_point(self, iid):
+        """{point id: sorted run ids of our ROIs for it}."""
+        out: dict[int, list[str]] = {}
+        for roi in self.ours(iid):
+            point, run_id = parse_description(unwrap(roi.getDescription()))
+            out.setdefault(int(point), []).append(run_id)
+        return {k: sorted(v) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -322,8 +523,10 @@ def saved_polygons(server, iid):
 
 
 def run(server, segmenter=None, ids=(1,), reports=None, **kw):
+    """A run on a new connection to the stand-in (or on a real BlitzGateway)."""
     reports = [] if reports is None else reports
-    job = OmeroRun(server, segmenter, report=reports.append, run_id=kw.pop("run_id", "run-test"), **kw)
+    conn = server.connect() if isinstance(server, InMemoryOmero) else server
+    job = OmeroRun(conn, segmenter, report=reports.append, run_id=kw.pop("run_id", "run-test"), **kw)
     return job.run(list(ids)), reports
 
 
@@ -410,8 +613,8 @@ def test_run_writes_one_polygon_per_nucleus_from_tiles(monuseg_pair, nuclei, seg
         assert unwrap(our_roi.getImage().getId()) == 1
     assert server.user_snapshot() == before  # the user's ROIs are untouched
     # only tiles around the clicks were fetched, each at most once, all at full resolution
-    tiles = [c for s in server.stores for c in s.calls]
-    assert all(s.level == 2 for s in server.stores)
+    tiles = server.tiles
+    assert {level for _, level, *_ in tiles} == {2}
     assert len(tiles) == len(set(tiles))
     assert all(w <= 256 and h <= 192 for *_, w, h in tiles)
     assert any("wrote" in r for r in reports)
@@ -429,7 +632,7 @@ def test_multi_plane_points_read_their_own_plane(monuseg_pair, nuclei, segmenter
     summary, _ = run(server, segmenter, ids=[2])
 
     assert summary.images_ok == 1 and len(server.saves) == 1
-    read = {(z, t) for s in server.stores for z, _, t, *_ in s.calls}
+    read = {(z, t) for _, _, z, _, t, *_ in server.tiles}
     assert read == {(0, 0), (0, 1)}  # only the planes that have points
     got = {}
     for shape, _ in saved_polygons(server, 2).values():
@@ -496,7 +699,7 @@ def test_dry_run_plans_and_writes_nothing(small_server, segmenter):
     server.add_rois(1, [point_roi((600.0, 10.0))])  # off the 512 x 512 image
     summary, reports = run(server, None, dry_run=True)
     assert summary.dry_run and summary.to_segment == len(inside) and summary.invalid == 1
-    assert server.saves == [] and server.deletes == [] and server.stores == []  # no pixels either
+    assert server.saves == [] and server.deletes == [] and server.tiles == []  # no pixels either
     (plan,) = [r for r in reports if r.startswith("plan: ")]
     assert f"to segment {len(inside)}" in plan and "(512 x 512" in plan
     assert any("outside the image" in r for r in reports)
@@ -542,9 +745,8 @@ def test_server_dropping_mid_run_leaves_no_half_written_image(monuseg_pair, cent
 
     def reconnect():
         reconnects.append(1)
-        server.alive = True
         server.drop = {}
-        return server
+        return server.connect()
 
     summary, reports = run(server, segmenter, ids=[1, 2, 3], reconnect=reconnect)
     assert reconnects == [1] and "reconnected to the server" in reports
@@ -588,14 +790,269 @@ def test_image_ids_from_dataset_and_project():
         server.add_image(iid, np.zeros((8, 8, 3), np.uint8))
     server.datasets = {10: [1, 2], 11: [2, 3]}
     server.projects = {20: [10, 11]}
-    assert image_ids(server, [3, 1, 3]) == [3, 1]
-    assert image_ids(server, dataset=10) == [1, 2]
-    assert image_ids(server, project=20) == [1, 2, 3]
-    assert str(server.SERVICE_OPTS.getOmeroGroup()) == "-1"  # looked up in all the user's groups
+    conn = server.connect()
+    assert image_ids(conn, [3, 1, 3]) == [3, 1]
+    assert image_ids(conn, dataset=10) == [1, 2]
+    assert image_ids(conn, project=20) == [1, 2, 3]
+    assert str(conn.SERVICE_OPTS.getOmeroGroup()) == "-1"  # looked up in all the user's groups
     with pytest.raises(BridgeInputError, match="dataset 99 not found"):
-        image_ids(server, dataset=99)
+        image_ids(conn, dataset=99)
     with pytest.raises(BridgeInputError, match="project 98 not found"):
-        image_ids(server, project=98)
+        image_ids(conn, project=98)
+
+
+# ---------------------------------------------------------------- the stand-in fails as the gateway does
+
+
+def test_stand_in_copies_groups_shared_store_and_omero_pys_delete(monuseg_pair):
+    """What the connector's safety rests on, checked against the stand-in itself."""
+    rgb, _ = monuseg_pair
+    server = InMemoryOmero()
+    server.add_image(1, np.ascontiguousarray(rgb[:300, :300]))
+    server.add_image(2, np.ascontiguousarray(rgb[:300, :300]), group=OTHER_GROUP)
+    server.add_rois(1, [point_roi((10.0, 10.0))])
+    server.add_rois(2, [point_roi((20.0, 20.0))])
+    conn = server.connect()
+
+    # lookups respect the group context: -1 sees all of the user's groups, a group only its own
+    conn.SERVICE_OPTS.setOmeroGroup(GROUP)
+    assert conn.getObject("Image", 2, opts={"load_pixels": True}) is None
+    assert conn.getRoiService().findByImage(2, None, conn.SERVICE_OPTS).rois == []
+    conn.SERVICE_OPTS.setOmeroGroup(-1)
+    assert conn.getObject("Image", 2, opts={"load_pixels": True}).getName() == "slide"
+    (found,) = conn.getRoiService().findByImage(2, None, conn.SERVICE_OPTS).rois
+    # writes need the image's own group
+    roi = RoiI()
+    roi.setImage(ImageI(1, False))
+    roi.addShape(PolygonI())
+    for group in (-1, OTHER_GROUP):
+        conn.SERVICE_OPTS.setOmeroGroup(group)
+        with pytest.raises(omero.SecurityViolation):
+            conn.getUpdateService().saveAndReturnArray([roi], conn.SERVICE_OPTS)
+    conn.SERVICE_OPTS.setOmeroGroup(GROUP)
+    (saved,) = conn.getUpdateService().saveAndReturnArray([roi], conn.SERVICE_OPTS)
+
+    # objects come back as copies: the caller's stay unsaved, editing a copy changes nothing stored
+    assert roi.getId() is None and unwrap(saved.getId()) is not None
+    found.setDescription(rstring("edited locally"))
+    saved.setDescription(rstring("edited locally"))
+    assert all(unwrap(r.getDescription()) is None for rois in server.rois.values() for r in rois)
+
+    # one RawPixelsStore per connection: a second reader re-points the first; after close() it knows no pixels
+    store = conn.createRawPixelsStore()
+    assert conn.createRawPixelsStore() is store
+    with pytest.raises(omero.SecurityViolation):
+        store.setPixelsId(502, False, conn.SERVICE_OPTS)  # image 2's pixels, from image 1's group
+    store.setPixelsId(501, False, conn.SERVICE_OPTS)
+    store.close()
+    with pytest.raises(omero.ApiUsageException):
+        store.getTile(0, 0, 0, 0, 0, 8, 8)
+
+    # deleteObjects is omero-py's: wait=True raises omero.CmdError (not an Ice error) when the server refuses
+    server.delete_mode = ("refuse", "not permitted to delete ome.model.roi.Roi")
+    with pytest.raises(omero.CmdError) as refused:
+        conn.deleteObjects("Roi", [unwrap(saved.getId())], deleteAnns=True, deleteChildren=True, wait=True)
+    assert not isinstance(refused.value, Ice.Exception)
+    assert refused.value.err.message == "not permitted to delete ome.model.roi.Roi"
+    assert len(server.rois[1]) == 2
+    # a delete in another group's context deletes nothing (the server's filter hides the ROI)
+    server.delete_mode = "now"
+    conn.SERVICE_OPTS.setOmeroGroup(OTHER_GROUP)
+    conn.deleteObjects("Roi", [unwrap(saved.getId())], deleteAnns=True, deleteChildren=True, wait=True)
+    assert len(server.rois[1]) == 2 and server.deletes == [[]]
+
+
+def test_images_of_several_groups_are_read_and_written_in_their_own_group(monuseg_pair, centres, segmenter):
+    rgb, _ = monuseg_pair
+    crop = np.ascontiguousarray(rgb[:400, :400])
+    inside = near_origin(centres, 400, 2)
+    server = InMemoryOmero()
+    server.add_image(1, crop, group=OTHER_GROUP)
+    server.add_image(2, crop)
+    for iid in (1, 2):
+        server.add_rois(iid, [point_roi(*inside)])
+    summary, _ = run(server, segmenter, ids=[1, 2])
+    assert summary.images_ok == 2 and summary.errors == []
+    assert len(server.ours(1)) == len(server.ours(2)) == summary.written / 2 >= 1
+    assert {pid for pid, *_ in server.tiles} == {501, 502}
+
+
+# ---------------------------------------------------------------- every image fully written or untouched
+
+
+@pytest.fixture
+def replaced_server(small_server, segmenter):
+    """The small image after a first run ("run-1"): one ROI of ours per nucleus found."""
+    server, _ = small_server
+    first, _ = run(server, segmenter, run_id="run-1")
+    assert first.written >= 3 and set(map(tuple, server.runs_by_point(1).values())) == {("run-1",)}
+    return server, first.written
+
+
+def test_replace_saves_the_new_rois_before_deleting_the_old(replaced_server, segmenter):
+    server, n = replaced_server
+    before = {unwrap(r.getId()) for r in server.ours(1)}
+    server.refuse = {"save": "no permission to annotate"}
+    summary, reports = run(server, segmenter, run_id="run-2", replace=True)
+    assert summary.images_failed == 1 and summary.written == 0 and summary.deleted == 0
+    assert {unwrap(r.getId()) for r in server.ours(1)} == before and server.deletes == []  # untouched
+    (error,) = summary.errors
+    assert error == (
+        "image 1: the server refused: SecurityViolation: no permission to annotate; none of its new ROIs were "
+        f"saved, unless the server committed all of them before the error; its {n} earlier ROI(s) of ours are "
+        "untouched"
+    )
+    assert f"error: {error}" in reports
+
+    # the reply to a committed save is lost: the new ROIs are there, the old ones too; the next run cleans up
+    server.refuse = {}
+    server.lose_reply = {"save": 1}
+    lost, _ = run(server, segmenter, run_id="run-3", replace=True)
+    assert lost.images_failed == 1 and "connection to the server lost (ConnectionLostException)" in lost.errors[0]
+    assert server.deletes == [] and set(map(tuple, server.runs_by_point(1).values())) == {("run-1", "run-3")}
+    server.lose_reply = {}
+    clean, reports = run(server, segmenter, run_id="run-4")
+    assert clean.images_ok == 1 and clean.written == 0 and clean.already_done == n and clean.deleted == n
+    assert set(map(tuple, server.runs_by_point(1).values())) == {("run-3",)}  # the newest kept, once
+    assert any(f"deleted {n} leftover(s) of an interrupted earlier run" in r for r in reports)
+
+
+def test_refused_delete_leaves_both_marked_and_the_next_run_cleans_up(replaced_server, segmenter):
+    server, n = replaced_server
+    server.delete_mode = ("refuse", "not permitted to delete ome.model.roi.Roi")
+    summary, reports = run(server, segmenter, run_id="run-2", replace=True)
+    assert summary.images_failed == 1 and summary.written == n and f"error: {summary.errors[0]}" in reports
+    assert summary.deleted == 0 and summary.not_deleted == n
+    (error,) = summary.errors
+    assert error == (
+        "image 1: the server refused to delete them (ome.services.graphs.GraphException: not permitted to delete "
+        f"ome.model.roi.Roi); its {n} new ROI(s) are saved and its {n} earlier ROI(s) of ours may still be there: "
+        "the next run deletes what is left"
+    )
+    assert all(h.closed for h in server.handles)
+    # both are there, each marked with its run; every point still has its nucleus
+    assert set(map(tuple, server.runs_by_point(1).values())) == {("run-1", "run-2")}
+
+    server.delete_mode = "now"
+    clean, _ = run(server, segmenter, run_id="run-3")
+    assert clean.images_ok == 1 and clean.deleted == n and clean.written == 0 and clean.already_done == n
+    assert set(map(tuple, server.runs_by_point(1).values())) == {("run-2",)}
+    again, _ = run(server, segmenter, run_id="run-4")
+    assert again.deleted == 0 and server.deletes[-1] != [] and len(server.deletes) == 1
+
+
+def test_delete_is_waited_for_within_the_timeout_and_a_time_out_is_reported(monuseg_pair, centres, segmenter):
+    rgb, _ = monuseg_pair
+    crop = np.ascontiguousarray(rgb[:400, :400])
+    inside = near_origin(centres, 400, 2)
+    server = InMemoryOmero()
+    for iid in (1, 2):
+        server.add_image(iid, crop)
+        server.add_rois(iid, [point_roi(*inside)])
+    first, _ = run(server, segmenter, ids=[1, 2], run_id="run-1")
+    n = first.written // 2
+    assert n >= 1
+
+    # the server finishes the delete after a while and says so through the callback: the run waits for it
+    server.delete_mode = ("after", 0.6)
+    waited, _ = run(server, segmenter, ids=[1], run_id="run-2", replace=True, delete_timeout=5)
+    assert waited.images_ok == 1 and waited.deleted == n and waited.errors == []
+    assert server.runs_by_point(1) and set(map(tuple, server.runs_by_point(1).values())) == {("run-2",)}
+
+    # it never finishes: image 1 is reported after the timeout, and the run goes on to image 2
+    server.delete_mode = "never"
+    timed_out, _ = run(server, segmenter, ids=[1, 2], run_id="run-3", replace=True, delete_timeout=0.4)
+    assert timed_out.images == 2 and timed_out.images_failed == 2 and timed_out.written == 2 * n
+    assert timed_out.deleted == 0 and timed_out.not_deleted == 2 * n
+    assert timed_out.errors[0].startswith("image 1: the server did not finish deleting within 0.4 s; its ")
+    assert timed_out.errors[1].startswith("image 2: the server did not finish deleting within 0.4 s; its ")
+    assert f"{2 * n} left to delete on the next run" in timed_out.line()
+    server.delete_mode = "now"
+    clean, _ = run(server, segmenter, ids=[1, 2], run_id="run-4")
+    assert clean.deleted == 2 * n and set(map(tuple, server.runs_by_point(2).values())) == {("run-3",)}
+
+
+class _FailsOn:
+    """The real watershed segmenter, failing with ``error`` on the pixels of one image."""
+
+    def __init__(self, pixels_id: int, error: BaseException):
+        self.inner = WatershedSegmenter()
+        self.pixels_id = pixels_id
+        self.error = error
+
+    def segment_tiled(self, reader, clicks, **kw):
+        if reader.store.pixels_id == self.pixels_id:
+            raise self.error
+        return self.inner.segment_tiled(reader, clicks, **kw)
+
+
+def test_any_error_in_one_image_is_reported_and_the_run_goes_on(monuseg_pair, centres):
+    rgb, _ = monuseg_pair
+    crop = np.ascontiguousarray(rgb[:400, :400])
+    inside = near_origin(centres, 400, 2)
+    server = InMemoryOmero()
+    for iid in (1, 2, 3):
+        server.add_image(iid, crop)
+        server.add_rois(iid, [point_roi(*inside)])
+    summary, reports = run(server, _FailsOn(502, MemoryError("out of memory in the model")), ids=[1, 2, 3])
+    assert "error: image 2: MemoryError: out of memory in the model; nothing was written" in reports
+    assert summary.images_ok == 2 and summary.images_failed == 1
+    assert summary.errors == ["image 2: MemoryError: out of memory in the model; nothing was written"]
+    assert server.ours(2) == [] and len(server.ours(1)) == len(server.ours(3)) >= 1
+    summary, _ = run(server, _FailsOn(503, KeyError("a bug")), ids=[3], replace=True)
+    assert summary.errors == ["image 3: KeyError: 'a bug'; nothing was written"] and len(server.ours(3)) >= 1
+
+
+def test_command_exit_status_summary_and_sessions(small_server, monkeypatch, capsys):
+    server, inside = small_server
+    server.add_image(7, np.zeros((64, 64, 3), np.uint8), name="no points")
+    monkeypatch.setenv("NB_OMERO_PW", "pa55word")
+    monkeypatch.setenv("NB_OMERO_KEY", "0f0f-session")
+    monkeypatch.setattr(omero_gateway, "connect", lambda *a, **kw: server.connect())
+    argv = ["omero", "--host", "omero.lab", "--user", "alice", "--password-env", "NB_OMERO_PW", "--image"]
+
+    # nothing could be done: no image has points; the summary is still printed, the error is one line
+    assert main([*argv, "7", "--method", "watershed"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["images_without_points"] == 1
+    assert err.strip().splitlines()[-1] == (
+        "nuclick-bridge omero: error: no Point ROIs found in 1 image(s); place one Point per nucleus "
+        "(OMERO.iviewer's point tool; its text is the class)"
+    )
+
+    # the server drops mid-run: the command logs in again, goes on, and closes both sessions
+    server.add_image(2, server.pixels[501][(0, 0)][-1])
+    server.add_rois(2, [point_roi(*inside)])
+    server.connections.clear()
+    server.drop = {"findByImage": 1}
+
+    def login(*args, **kwargs):
+        if server.connections:  # the second login: the server is back
+            server.drop = {}
+        return server.connect()
+
+    monkeypatch.setattr(omero_gateway, "connect", login)
+    assert main([*argv, "1", "2", "--method", "watershed"]) == 0  # image 1 failed, image 2 was written
+    out, err = capsys.readouterr()
+    assert json.loads(out)["images_failed"] == 1 and json.loads(out)["written"] >= 1
+    assert "reconnected to the server" in err
+    assert [c.closed for c in server.connections] == ["hard", "hard"]
+
+    # a joined session (--session-key-env) is the user's: detached, never killed, also after a drop
+    server.connections.clear()
+    server.drop = {"findByImage": 1}
+    key = ["omero", "--host", "omero.lab", "--session-key-env", "NB_OMERO_KEY", "--image", "1", "2", "--dry-run"]
+    assert main(key) == 0
+    assert "reconnected to the server" in capsys.readouterr().err
+    assert [c.closed for c in server.connections] == ["soft", "soft"]
+
+    # interrupted (Ctrl-C in the model): the summary so far is printed all the same
+    monkeypatch.setattr("bridge.commands.common.make_segmenter", lambda args: _FailsOn(502, KeyboardInterrupt()))
+    assert main([*argv, "1", "2", "--replace"]) == 130
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["images"] == 2 and summary["images_ok"] == 1 and summary["written"] >= 1
+    assert "interrupted" in err
 
 
 # ---------------------------------------------------------------- logging in
@@ -674,7 +1131,7 @@ def test_command_end_to_end(small_server, monkeypatch, capsys):
     def fake_connect(host, user, password, port, session_key, secure):
         calls.append((host, user, port, session_key, secure))
         assert password == "pa55word"
-        return server
+        return server.connect()
 
     monkeypatch.setattr(omero_gateway, "connect", fake_connect)
     argv = ["omero", "--host", "omero.lab", "--user", "alice", "--password-env", "NB_OMERO_PW", "--image", "1"]
@@ -687,7 +1144,7 @@ def test_command_end_to_end(small_server, monkeypatch, capsys):
     out, err = capsys.readouterr()
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["written"] == len(server.ours(1)) >= 1 and summary["images_failed"] == 0
-    assert "polygon ROI(s) written" in err and server.closed
+    assert "polygon ROI(s) written" in err and all(c.closed == "hard" for c in server.connections)
     assert calls[0] == ("omero.lab", "alice", 4064, None, True)
 
     assert main([*argv[:-1], "404", "1", "--method", "watershed"]) == 0  # one image failed, one was done
@@ -740,6 +1197,6 @@ def test_real_server_round_trip(segmenter):
             assert again.written == 0
             _, plan = OmeroRun(conn, None, dry_run=True, replace=True).plan(ids[0])
             assert len(plan.delete) == first.written
-            conn.deleteObjects("Roi", [r.roi_id for r in plan.delete], deleteAnns=True, deleteChildren=True, wait=True)
+            omero_gateway.delete_rois(conn, [r.roi_id for r in plan.delete], timeout_s=60)
     finally:
         conn.close()

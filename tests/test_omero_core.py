@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
+import shapely
+from scipy import ndimage as ndi
 from shapely.geometry import Point, Polygon
 
 from bridge.cli import build_parser, main
@@ -25,9 +29,8 @@ from bridge.connectors.omero_core import (
     roi_description,
     unpack_rgba,
 )
-from bridge.coords import OMERO_PIXEL_OFFSET, level0_to_omero, omero_to_level0
 from bridge.geojson import class_color
-from bridge.results import Click, NucleusResult
+from bridge.results import NucleusResult
 
 # ---------------------------------------------------------------- polygon strings
 
@@ -81,15 +84,39 @@ def test_parse_points_canonical_and_legacy():
         parse_points("1,2 3")
 
 
-def test_omero_pixel_convention_is_ours():
-    # OMERO.iviewer draws pixel (c, r) over [c, c+1) x [r, r+1), like QuPath and us.
-    assert OMERO_PIXEL_OFFSET == 0.0
-    assert omero_to_level0(10.5, 3.25) == (10.5, 3.25)
-    for xy in [(0.0, 0.0), (12.75, 99.5)]:
-        assert level0_to_omero(*omero_to_level0(*xy)) == xy
-    p = PointRecord(shape_id=7, roi_id=1, x=10.5, y=20.5, z=None, t=3, class_name="Tumor")
-    assert p.click() == Click(10.5, 20.5, "7", "Tumor")
-    assert p.plane == (0, 3)
+def _draw_omero_polygon(points: str, shape: tuple[int, int]) -> np.ndarray:
+    """The pixels OMERO.iviewer shows inside a polygon: pixel (c, r) spans [c, c+1) x [r, r+1), so it is
+    inside when its centre (c + 0.5, r + 0.5) is (read straight from the "x,y x,y" text, no project code)."""
+    vertices = [tuple(float(v) for v in pair.split(",")) for pair in points.split()]
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return shapely.contains_xy(Polygon(vertices), cols + 0.5, rows + 0.5)
+
+
+def test_omero_points_and_polygons_land_on_the_annotated_pixels(crop_pair):
+    """A Point anywhere inside a nucleus pixel (as OMERO stores it) becomes a click on that pixel, and the
+    polygon string written back covers exactly the nucleus's pixels as OMERO.iviewer draws them."""
+    from bridge.polygons import mask_to_polygon
+
+    _, lab = crop_pair
+    checked = 0
+    for i in [i for i in np.unique(lab) if i]:
+        mask = lab == i
+        if ndi.label(mask)[1] != 1 or mask.sum() < 30:
+            continue  # one 4-connected piece: its outline is exact
+        mask = ndi.binary_fill_holes(mask)  # OMERO polygons have no holes
+        rows, cols = np.nonzero(mask)
+        r, c = int(rows[len(rows) // 2]), int(cols[len(rows) // 2])
+        for dx, dy in [(0.0, 0.0), (0.5, 0.5), (0.99, 0.01)]:
+            point = PointRecord(shape_id=int(i), roi_id=1, x=c + dx, y=r + dy, z=None, t=3, class_name="Tumor")
+            click = point.click()
+            assert (math.floor(click.x), math.floor(click.y)) == (c, r)
+            assert (click.id, click.class_name, point.plane) == (str(i), "Tumor", (0, 3))
+        outline = mask_to_polygon(mask, tolerance=0)
+        (spec,), missing = polygon_specs([point], [NucleusResult(click, True, outline, float(mask.sum()), 1.0)], "r")
+        assert missing == []
+        assert np.array_equal(_draw_omero_polygon(spec.points, lab.shape), mask)
+        checked += 1
+    assert checked >= 10
 
 
 # ---------------------------------------------------------------- colours and markers
@@ -221,3 +248,68 @@ def test_cli_missing_password_is_a_clear_error(monkeypatch, capsys):
     code = main(["omero", "--host", "h", "--user", "u", "--password-env", "hunter2!", "--image", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "hunter2" not in err and "named by --password-env" in err
+
+
+# ---------------------------------------------------------------- leftovers, the exit status, --delete-timeout
+
+
+def test_plan_finds_leftovers_of_an_interrupted_replace():
+    points = [_pt(1, 10, 10), _pt(2, 20, 20), _pt(3, 30, 30)]
+    ours = [
+        OurRoi(100, "1", "run-a"),  # point 1: run-a's ROI, then run-b saved 300 and could not delete 100
+        OurRoi(300, "1", "run-b"),
+        OurRoi(200, "2", "run-a"),  # point 2: one ROI, nothing to clean
+        OurRoi(150, "3", "run-a", only_polygons=False),  # point 3: an edited ROI is never a leftover ...
+        OurRoi(120, "3", "run-0"),  # ... but an older polygon-only one is
+        OurRoi(350, "3", "run-b"),
+    ]
+    plan = plan_image(1, "img", 64, 64, points, ours)
+    assert [r.roi_id for r in plan.leftovers] == [100, 120]
+    assert [r.roi_id for r in plan.to_delete] == [100, 120] and plan.delete == []
+    assert plan.n_todo == 0 and [p.shape_id for p in plan.done] == [1, 2, 3]
+    assert "leftovers of an interrupted earlier run to delete 2" in plan.describe()
+    # --replace deletes every polygon-only ROI of ours anyway: no separate leftovers
+    replace = plan_image(1, "img", 64, 64, points, ours, replace=True)
+    assert [r.roi_id for r in replace.to_delete] == [100, 300, 200, 120, 350] and replace.leftovers == []
+
+
+def test_fatal_reason_is_nothing_could_be_done():
+    assert RunSummary("r").fatal_reason() == "no images to process"
+    no_points = RunSummary("r", images=2, images_ok=2, images_without_points=2)
+    assert no_points.fatal_reason().startswith("no Point ROIs found in 2 image(s)")
+    failed = RunSummary("r", images=2, images_failed=2, errors=["x", "y"])
+    assert failed.fatal_reason() == "nothing could be done: all 2 image(s) failed"
+    unreadable = RunSummary("r", images=2, images_ok=1, images_failed=1, images_without_points=1)
+    assert unreadable.fatal_reason() == "nothing could be done: no image with Point ROIs could be read"
+    # one image with points is enough, even when nothing was written (all done earlier) or another failed
+    assert RunSummary("r", images=2, images_ok=1, images_failed=1, points=3, already_done=3).fatal_reason() is None
+    summary = RunSummary("r", images=1, images_ok=0, images_failed=1, points=4, written=4, not_deleted=2)
+    assert "4 polygon ROI(s) written" in summary.line() and "2 left to delete on the next run" in summary.line()
+
+
+def test_cli_delete_timeout(capsys):
+    parser = build_parser()
+    base = ["omero", "--host", "h", "--user", "u", "--image", "1"]
+    assert parser.parse_args(base).delete_timeout == 60.0
+    assert parser.parse_args([*base, "--delete-timeout", "2.5"]).delete_timeout == 2.5
+    for bad in ("0", "-1", "nan"):
+        assert main([*base, "--delete-timeout", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == "nuclick-bridge omero: error: --delete-timeout must be a positive number of seconds"
+
+
+def test_omero_tests_run_wherever_omero_py_is_installed(monkeypatch):
+    import importlib.metadata
+
+    import omero_env
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: object())
+    assert omero_env.skip_reason() is None  # installed: the tests run (and a broken import fails them)
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    assert "make install-omero" in omero_env.skip_reason()
+    monkeypatch.setenv("CI", "true")  # CI installs it: there a missing omero-py fails the tests
+    assert omero_env.skip_reason() is None

@@ -72,6 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--max-tile", type=int, default=2048, metavar="PX", help="largest pixel window read at once (default: 2048)"
     )
+    run.add_argument(
+        "--delete-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the server to delete an image's earlier ROIs; past it the image is reported "
+        "and the next run deletes what is left (default: 60)",
+    )
 
     eng = p.add_argument_group("segmentation")
     add_server_options(eng)
@@ -114,6 +122,8 @@ def _secret(args: argparse.Namespace) -> tuple[str | None, str | None]:
 def run(args: argparse.Namespace) -> int:
     if args.max_tile < 256:
         raise BridgeInputError("--max-tile must be at least 256")
+    if not args.delete_timeout > 0:
+        raise BridgeInputError("--delete-timeout must be a positive number of seconds")
     check_server_options(args)  # a bad --server is one line before anything logs in
     password, session_key = _secret(args)
     try:
@@ -126,8 +136,17 @@ def run(args: argparse.Namespace) -> int:
             args.host, args.user, password, port=args.port, session_key=session_key, secure=True
         )
 
-    conn = login()
+    opened = [login()]  # every connection this command opens, closed at the end
+
+    def relogin():
+        with contextlib.suppress(Exception):  # the dead connection: release it before logging in again
+            opened[-1].close(hard=session_key is None)
+        opened.append(login())
+        return opened[-1]
+
+    conn = opened[0]
     segmenter = None
+    job = None
     try:
         ids = omero_gateway.image_ids(conn, args.image or (), args.dataset, args.project)
         if not ids:
@@ -143,16 +162,23 @@ def run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             progress=sys.stderr.isatty(),
             max_tile=args.max_tile,
-            reconnect=login,
+            reconnect=relogin,
+            delete_timeout=args.delete_timeout,
         )
-        summary = job.run(ids)
-        conn = job.conn
+        job.run(ids)
     finally:
-        with contextlib.suppress(Exception):  # a dead connection must not mask the run's outcome
-            conn.close()
-        if hasattr(segmenter, "close"):  # e.g. the gRPC client of --server
-            segmenter.close()
-    print(f"nuclick-bridge omero: {summary.line()}", file=sys.stderr)
-    print(json.dumps(summary.as_dict()))
-    # Like the qupath command: non-zero only when nothing could be done (every image failed).
-    return 2 if summary.images_failed and not summary.images_ok else 0
+        try:
+            if job is not None:  # the summary so far, even when the run was interrupted
+                print(f"nuclick-bridge omero: {job.summary.line()}", file=sys.stderr)
+                print(json.dumps(job.summary.as_dict()), flush=True)
+        finally:
+            for c in opened:  # a joined session (--session-key) is the user's: detach, never kill it
+                with contextlib.suppress(Exception):  # a dead connection must not mask the run's outcome
+                    c.close(hard=session_key is None)
+            if hasattr(segmenter, "close"):  # e.g. the gRPC client of --server
+                segmenter.close()
+    # Like the qupath command: non-zero when nothing could be done (no image had points, or all failed).
+    reason = job.summary.fatal_reason()
+    if reason:
+        raise BridgeInputError(reason)
+    return 0

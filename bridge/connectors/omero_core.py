@@ -11,9 +11,12 @@ How our ROIs are recognised: each ROI we write holds one Polygon and has the
 description ``nuclick-bridge nucleus; point=<shape id>; run=<run id>`` (a
 MapAnnotation in :data:`NAMESPACE` with the same facts is linked to it for
 people and queries).  A re-run skips every point whose shape id appears in
-such a description; ``--replace`` deletes exactly those ROIs (and only when
-they hold nothing but Polygons) before writing new ones.  ROIs without the
-marker (the user's Point ROIs and anything else) are never modified.
+such a description; ``--replace`` writes new ones and then deletes exactly
+those earlier ROIs (and only when they hold nothing but Polygons).  A point
+with more than one such ROI (a run stopped between its save and its delete)
+keeps the newest (highest ROI id); the next run deletes the others.  ROIs
+without the marker (the user's Point ROIs and anything else) are never
+modified.
 """
 
 from __future__ import annotations
@@ -233,8 +236,14 @@ class ImagePlan:
     todo: dict[tuple[int, int], list[PointRecord]] = field(default_factory=dict)
     done: list[PointRecord] = field(default_factory=list)
     invalid: list[tuple[PointRecord, str]] = field(default_factory=list)
-    delete: list[OurRoi] = field(default_factory=list)
+    delete: list[OurRoi] = field(default_factory=list)  # --replace: all our earlier ROIs
+    leftovers: list[OurRoi] = field(default_factory=list)  # older duplicates of an interrupted --replace
     kept_ours: list[OurRoi] = field(default_factory=list)  # ours, but edited by someone: left alone
+
+    @property
+    def to_delete(self) -> list[OurRoi]:
+        """Our ROIs to delete once this run's new ones are saved."""
+        return self.delete + self.leftovers
 
     @property
     def n_points(self) -> int:
@@ -254,6 +263,8 @@ class ImagePlan:
             f"invalid {len(self.invalid)}",
             f"our earlier ROIs to delete {len(self.delete)}",
         ]
+        if self.leftovers:
+            parts.append(f"leftovers of an interrupted earlier run to delete {len(self.leftovers)}")
         return "; ".join(parts)
 
 
@@ -274,6 +285,9 @@ def plan_image(
     ``replace`` every point is redone and our earlier ROIs are deleted, except
     ones that now hold other shapes too (someone edited them): those are kept
     and their points skipped, so nothing of the user's is ever deleted.
+    Without ``replace``, a point named by several of our polygon-only ROIs
+    (a ``--replace`` that saved its new ROIs but could not delete the old
+    ones) keeps the newest and the others become :attr:`ImagePlan.leftovers`.
     """
     plan = ImagePlan(image_id, name, width, height, size_z, size_t)
     if replace:
@@ -282,6 +296,7 @@ def plan_image(
         done_ids = {r.point_id for r in plan.kept_ours}
     else:
         done_ids = {r.point_id for r in ours}
+        plan.leftovers = leftover_rois(ours)
     for p in sorted(points, key=lambda p: p.shape_id):
         reason = point_problem(p, width, height, size_z, size_t)
         if reason:
@@ -291,6 +306,23 @@ def plan_image(
         else:
             plan.todo.setdefault(p.plane, []).append(p)
     return plan
+
+
+def leftover_rois(ours: Sequence[OurRoi]) -> list[OurRoi]:
+    """Our polygon-only ROIs that a newer one of ours for the same point supersedes.
+
+    The newest is the one with the highest ROI id (OMERO hands out ids in
+    increasing order, and a run saves its ROIs before deleting older ones).
+    ROIs that someone edited (not polygon-only) are never leftovers.
+    """
+    by_point: dict[str, list[OurRoi]] = {}
+    for r in ours:
+        if r.only_polygons:
+            by_point.setdefault(r.point_id, []).append(r)
+    out: list[OurRoi] = []
+    for rois in by_point.values():
+        out += sorted(rois, key=lambda r: r.roi_id)[:-1]
+    return sorted(out, key=lambda r: r.roi_id)
 
 
 def point_problem(p: PointRecord, width: int, height: int, size_z: int, size_t: int) -> str:
@@ -355,7 +387,8 @@ class RunSummary:
     already_done: int = 0
     not_found: int = 0
     invalid: int = 0
-    deleted: int = 0
+    deleted: int = 0  # earlier ROIs the server confirmed deleted
+    not_deleted: int = 0  # earlier ROIs whose delete was refused or timed out (the next run retries)
     to_segment: int = 0  # dry run
     errors: list[str] = field(default_factory=list)
 
@@ -377,9 +410,26 @@ class RunSummary:
         else:
             work = (
                 f"{self.written} polygon ROI(s) written, {self.already_done} already done, "
-                f"{self.not_found} not found, {self.invalid} invalid, {self.deleted} earlier ROI(s) replaced"
+                f"{self.not_found} not found, {self.invalid} invalid, {self.deleted} earlier ROI(s) deleted"
             )
+            if self.not_deleted:
+                work += f", {self.not_deleted} left to delete on the next run"
         return f"{head}{images}; {self.points} point(s): {work}; run {self.run_id}"
+
+    def fatal_reason(self) -> str | None:
+        """Why the run did nothing at all (the command exits non-zero), or None; as ``qupath`` does."""
+        if not self.images:
+            return "no images to process"
+        if self.images_failed == self.images:
+            return f"nothing could be done: all {self.images} image(s) failed"
+        if self.points == 0 and not self.images_failed:
+            return (
+                f"no Point ROIs found in {self.images} image(s); place one Point per nucleus "
+                "(OMERO.iviewer's point tool; its text is the class)"
+            )
+        if self.points == 0:
+            return "nothing could be done: no image with Point ROIs could be read"
+        return None
 
     def as_dict(self) -> dict:
         out = dict(vars(self))

@@ -14,11 +14,19 @@ The only gateway calls the connector makes (the test double in
 * ``conn.createRawPixelsStore()`` and, on it, ``setPixelsId``,
   ``getResolutionLevels``, ``setResolutionLevel``,
   ``getResolutionDescriptions``, ``getTileSize``, ``getTile``, ``close``
-  (see :mod:`bridge.connectors.omero_pixels`);
+  (see :mod:`bridge.connectors.omero_pixels`).  BlitzGateway hands out one
+  shared store per connection, so one plane is read at a time, and each
+  reader sets its pixels id again before reading;
 * ``conn.getUpdateService().saveAndReturnArray(rois, ctx)``: one call per image;
-* ``conn.deleteObjects("Roi", ids, deleteAnns=True, deleteChildren=True, wait=True)``
-  (``--replace`` only, and only ROIs that are ours);
+* ``conn.deleteObjects("Roi", ids, deleteAnns=True, deleteChildren=True)`` (only
+  ROIs that are ours, after the image's new ROIs are saved) and, on the handle it
+  returns, omero-py's ``omero.callbacks.CmdCallbackI(conn.c, handle)`` with
+  ``loop``, ``getResponse`` and ``close``: see :func:`delete_rois` for why not
+  ``wait=True``;
 * ``conn.keepAlive()`` after a connection error, ``conn.close()``.
+
+An image is written in two steps, save then delete, so that a failure at any
+point never leaves a point without its nucleus: see :meth:`OmeroRun.write`.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from typing import Any
 
 import Ice
 import omero
+import omero.callbacks
+import omero.cmd
 from tqdm import tqdm
 
 from bridge.connectors.omero_core import ImagePlan, PolygonSpec, RunSummary, new_run_id, plan_image, polygon_specs
@@ -43,10 +53,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 4064
 ALL_GROUPS = -1
+DEFAULT_DELETE_TIMEOUT_S = 60.0
+_POLL_MS = 500  # how often the wait for a delete wakes up (the server also notifies on completion)
 
 
 class ConnectionLost(Exception):
     """The server went away and could not be reached again."""
+
+
+class DeleteIncomplete(Exception):
+    """The server refused a delete, did not finish it in time, or deleted less than asked."""
 
 
 # ---------------------------------------------------------------- connecting
@@ -166,6 +182,65 @@ def load_image(conn: Any, image_id: int) -> ImageInfo:
     return info
 
 
+# ---------------------------------------------------------------- deleting
+
+
+def _describe_response(rsp: Any) -> str:
+    """One line for an omero.cmd.ERR (GraphException carries a message; others a name and parameters)."""
+    message = getattr(rsp, "message", "") or ""
+    params = dict(getattr(rsp, "parameters", None) or {})
+    text = message or params.get("message", "") or "; ".join(f"{k}={v}" for k, v in params.items())
+    name = getattr(rsp, "name", "") or type(rsp).__name__
+    return " ".join(f"{name}: {text}".split()) if text else name
+
+
+def _deleted_roi_ids(rsp: Any) -> set[int]:
+    """ROI ids a Delete2Response lists (keys are class names such as ``ome.model.roi.Roi``)."""
+    out: set[int] = set()
+    for cls, ids in (getattr(rsp, "deletedObjects", None) or {}).items():
+        if str(cls).rsplit(".", 1)[-1] == "Roi":
+            out.update(int(i) for i in ids)
+    return out
+
+
+def delete_rois(conn: Any, ids: Sequence[int], timeout_s: float) -> None:
+    """Delete ROIs (with their shapes and our annotations) and wait, at most ``timeout_s``, for the server.
+
+    Why not ``deleteObjects(..., wait=True)``: omero-py then waits 10 x 500 ms
+    and returns *silently* when the delete has not finished, and raises
+    ``omero.CmdError`` (not an Ice exception) when the server refuses.  Here
+    the wait is bounded by ``timeout_s`` and the response is checked: a
+    refusal, a time-out, or a response that does not list every ROI raises
+    :class:`DeleteIncomplete`.  A timed-out delete may still finish on the
+    server later; either way, what is left is found and deleted by the next run.
+    """
+    ids = [int(i) for i in ids]
+    handle = conn.deleteObjects("Roi", ids, deleteAnns=True, deleteChildren=True)
+    try:
+        callback = omero.callbacks.CmdCallbackI(conn.c, handle, foreground_poll=True)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            handle.close()
+        raise
+    try:
+        ms = max(1, min(_POLL_MS, round(timeout_s * 1000)))
+        loops = max(1, -(-round(timeout_s * 1000) // ms))
+        try:
+            rsp = callback.loop(loops, ms)
+        except omero.LockTimeout as exc:
+            raise DeleteIncomplete(f"the server did not finish deleting within {timeout_s:g} s") from exc
+    finally:
+        with contextlib.suppress(Exception):  # closing must not hide the outcome
+            callback.close(True)
+    if isinstance(rsp, omero.cmd.ERR):
+        raise DeleteIncomplete(f"the server refused to delete them ({_describe_response(rsp)})")
+    missing = sorted(set(ids) - _deleted_roi_ids(rsp))
+    if missing:
+        raise DeleteIncomplete(
+            f"the server deleted {len(ids) - len(missing)} of {len(ids)}; not deleted: {', '.join(map(str, missing))}"
+        )
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -184,8 +259,12 @@ class OmeroRun:
     ``segmenter`` is anything with ``segment_tiled(reader, clicks, max_tile,
     progress) -> Segmentation`` (the NuClick engine, the watershed baseline,
     a gRPC client).  ``reconnect`` returns a fresh connection after the
-    server dropped (None: give up on the remaining images).  Messages go to
-    ``report`` (stderr by default); :meth:`run` returns the summary.
+    server dropped (None: give up on the remaining images); closing the dead
+    one is the caller's (only it knows whether the session may be killed).
+    ``delete_timeout`` bounds the wait for each image's delete.
+    Messages go to ``report`` (stderr by default); :meth:`run` returns the
+    summary.  Whatever goes wrong with one image (the server, the model, a
+    bug) is reported for that image and the run goes on to the next.
     """
 
     def __init__(
@@ -200,9 +279,14 @@ class OmeroRun:
         max_tile: int = 2048,
         reconnect: Callable[[], Any] | None = None,
         report: Callable[[str], None] | None = None,
+        delete_timeout: float = DEFAULT_DELETE_TIMEOUT_S,
     ) -> None:
         if segmenter is None and not dry_run:
             raise ValueError("a segmenter is needed unless dry_run")
+        if not delete_timeout > 0:
+            raise ValueError("delete_timeout must be positive")
+        self.delete_timeout = float(delete_timeout)
+        self._left = ""  # what the image being processed holds now, for the error message
         self.conn = conn
         self.segmenter = segmenter
         self.replace = replace
@@ -219,13 +303,16 @@ class OmeroRun:
         s = self.summary
         for k, iid in enumerate(ids):
             s.images += 1
+            self._left = "nothing was written"
             try:
                 self.process_image(int(iid))
                 s.images_ok += 1
             except BridgeInputError as exc:
                 self._failed(iid, str(exc))
+            except DeleteIncomplete as exc:
+                self._failed(iid, f"{exc}; {self._left}")
             except Ice.LocalException as exc:  # transport-level: the server or the network went away
-                self._failed(iid, f"connection to the server lost ({describe_error(exc)}); nothing written")
+                self._failed(iid, f"connection to the server lost ({describe_error(exc)}); {self._left}")
                 try:
                     self._recover()
                 except ConnectionLost as lost:
@@ -238,7 +325,10 @@ class OmeroRun:
                         self.report(f"error: {msg}")
                     break
             except Ice.Exception as exc:  # the server refused (permissions, validation, ...)
-                self._failed(iid, f"the server refused: {describe_error(exc)}")
+                self._failed(iid, f"the server refused: {describe_error(exc)}; {self._left}")
+            except Exception as exc:  # the model (out of memory, ...), the segmentation server, a bug
+                log.debug("image %s failed", iid, exc_info=True)
+                self._failed(iid, f"{type(exc).__name__}: {describe_error(exc)}; {self._left}")
         return s
 
     def _failed(self, iid: int, msg: str) -> None:
@@ -257,9 +347,10 @@ class OmeroRun:
         if self.reconnect is None:
             raise ConnectionLost("the connection to the server is lost")
         try:
-            self.conn = self.reconnect()
+            fresh = self.reconnect()
         except Exception as exc:
             raise ConnectionLost(f"the connection to the server is lost and reconnecting failed ({exc})") from exc
+        self.conn = fresh
         self.report("reconnected to the server")
 
     # -- one image
@@ -289,7 +380,7 @@ class OmeroRun:
         if self.dry_run:
             self.report(f"plan: {plan.describe()}")
             return plan
-        if plan.n_todo == 0 and not plan.delete:
+        if plan.n_todo == 0 and not plan.to_delete:
             self.report(f"{label}: all {len(plan.done)} point(s) already done")
             return plan
 
@@ -320,30 +411,39 @@ class OmeroRun:
         return specs
 
     def write(self, info: ImageInfo, plan: ImagePlan, specs: list[PolygonSpec]) -> None:
-        """Delete our earlier ROIs (``--replace``), then save all of this image's ROIs in one call.
+        """Save all of this image's new ROIs in one call, then delete our earlier ones.
 
-        One call is one server transaction: a dropped connection leaves all
-        of the image's new ROIs written or none.  Deleting first means a
-        failure between the two leaves points without a polygon, which a
-        plain re-run fills in, never duplicates.
+        One save is one server transaction: the image gets all its new ROIs
+        or none.  Saving first means that no failure leaves a point without
+        its nucleus: a failed save leaves the image as it was; a failed or
+        timed-out delete leaves old and new ROIs side by side, each marked
+        with its run, and the next run deletes the older ones
+        (:func:`~bridge.connectors.omero_core.leftover_rois`).
         """
         label = f"image {info.id} {info.name!r}"
-        if plan.delete:
-            ids = [r.roi_id for r in plan.delete]
-            self.conn.deleteObjects("Roi", ids, deleteAnns=True, deleteChildren=True, wait=True)
-            self.summary.deleted += len(ids)
+        old = plan.to_delete
         saved = []
         if specs:
             rois = [build_roi(spec, info.id) for spec in specs]
-            try:
-                saved = self.conn.getUpdateService().saveAndReturnArray(rois, self.conn.SERVICE_OPTS)
-            except Exception:
-                if plan.delete:
-                    self.report(
-                        f"{label}: its {len(plan.delete)} earlier ROI(s) were deleted but the new ones were not "
-                        "saved; run again (without --replace) to write them"
-                    )
-                raise
+            self._left = "none of its new ROIs were saved, unless the server committed all of them before the error"
+            if old:
+                self._left += f"; its {len(old)} earlier ROI(s) of ours are untouched"
+            saved = self.conn.getUpdateService().saveAndReturnArray(rois, self.conn.SERVICE_OPTS)
             self.summary.written += len(saved)
-        extra = f", replaced {len(plan.delete)} earlier" if plan.delete else ""
+        if old:
+            self._left = (
+                f"its {len(saved)} new ROI(s) are saved and its {len(old)} earlier ROI(s) of ours may still be "
+                "there: the next run deletes what is left"
+            )
+            try:
+                delete_rois(self.conn, [r.roi_id for r in old], self.delete_timeout)
+            except BaseException:
+                self.summary.not_deleted += len(old)
+                raise
+            self.summary.deleted += len(old)
+        extra = ""
+        if plan.delete:
+            extra += f", replaced {len(plan.delete)} earlier"
+        if plan.leftovers:
+            extra += f", deleted {len(plan.leftovers)} leftover(s) of an interrupted earlier run"
         self.report(f"{label}: wrote {len(saved)} polygon ROI(s){extra}; {len(plan.done)} already done")
