@@ -972,6 +972,22 @@ def test_delete_is_waited_for_within_the_timeout_and_a_time_out_is_reported(monu
     assert clean.deleted == 2 * n and set(map(tuple, server.runs_by_point(2).values())) == {("run-3",)}
 
 
+def test_delete_rois_checks_what_the_server_says_it_deleted(replaced_server):
+    """An OK response that does not list every ROI (here: the delete ran in another group's context,
+    whose filter hides them) is not taken for a delete; the handle and the callback are closed either way."""
+    server, n = replaced_server
+    ids = sorted(unwrap(r.getId()) for r in server.ours(1))
+    conn = server.connect()
+    conn.SERVICE_OPTS.setOmeroGroup(OTHER_GROUP)
+    with pytest.raises(omero_gateway.DeleteIncomplete) as err:
+        omero_gateway.delete_rois(conn, ids, timeout_s=5)
+    assert str(err.value) == f"the server deleted 0 of {n}; not deleted: {', '.join(map(str, ids))}"
+    assert len(server.ours(1)) == n and all(h.closed for h in server.handles)
+    conn.SERVICE_OPTS.setOmeroGroup(GROUP)
+    omero_gateway.delete_rois(conn, ids, timeout_s=5)
+    assert server.ours(1) == [] and server.deletes == [[], ids]
+
+
 class _FailsOn:
     """The real watershed segmenter, failing with ``error`` on the pixels of one image."""
 
