@@ -122,10 +122,9 @@ def test_results_equal_the_in_process_engine_with_a_real_network(tmp_path, tile)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
             resp = pb_grpc.NuClickStub(ch).Segment(request(img, clicks), timeout=120)
-            assert (
-                pb_grpc.NuClickStub(ch).GetModelInfo(pb.GetModelInfoRequest()).model.sha256
-                == load_model(path)[1].sha256
-            )
+            model_info = pb_grpc.NuClickStub(ch).GetModelInfo(pb.GetModelInfoRequest()).model
+            assert model_info.sha256 == load_model(path)[1].sha256
+            assert model_info.arch == "nuclick-w0.125", "the architecture recorded in the weights file"
     finally:
         srv.stop(grace=1)
     assert any(e.found for e in expected)
