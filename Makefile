@@ -72,4 +72,4 @@ java-test: java-deps
 .PHONY: deploy-deps
 deploy-deps: install
 	bash scripts/install_nginx.sh
-	$(BIN)/python -c "import kubernetes_validate" 2>/dev/null || $(BIN)/pip install -q "kubernetes-validate>=1.30"
+	$(BIN)/python -c "import kubernetes_validate" 2>/dev/null || $(BIN)/pip install -q "kubernetes-validate>=1.33"
