@@ -228,13 +228,15 @@ def test_weight_average_follows_training_from_the_first_steps():
 
     from bridge.train.loop import ema_decay_at, ema_update
 
-    net = torch.nn.Linear(3, 1, bias=False)
-    torch.nn.init.zeros_(net.weight)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False), torch.nn.BatchNorm1d(4))
+    torch.nn.init.zeros_(net[0].weight)
     ema = AveragedModel(net, multi_avg_fn=partial(ema_update, decay=0.999), use_buffers=True)
     ema.update_parameters(net)
     with torch.no_grad():
-        net.weight.fill_(1.0)
+        net[0].weight.fill_(1.0)
     for _ in range(100):
+        net(torch.rand(8, 3))  # BatchNorm's statistics and its integer step counter move too
         ema.update_parameters(net)
-    assert 0.9 < float(ema.module.weight.detach().mean()) < 1.0
+    assert 0.9 < float(ema.module[0].weight.detach().mean()) < 1.0
+    assert int(ema.module[1].num_batches_tracked) == int(net[1].num_batches_tracked) == 100
     assert ema_decay_at(100_000, 0.999) == 0.999 and ema_decay_at(0, 0.999) == pytest.approx(0.1)

@@ -78,7 +78,10 @@ def ema_decay_at(n: int, decay: float) -> float:
 def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged, decay: float) -> None:
     """``AveragedModel``'s multi-tensor update: averaged += (1 - d) * (current - averaged)."""
     d = ema_decay_at(int(num_averaged), decay)
-    torch._foreach_lerp_(averaged, current, 1.0 - d)
+    if averaged and averaged[0].is_floating_point():
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+    else:  # counters such as BatchNorm's num_batches_tracked are copied, not averaged
+        torch._foreach_copy_(averaged, current)
 
 
 def _checkpoint(path: Path, model, ema, opt, sched, state: dict, cfg: TrainConfig) -> None:
