@@ -245,14 +245,18 @@ class NuClickClient:
 
     def _call(self, method, request, timeout: float | None, stop: threading.Event | None = None):
         """One call within its deadline, sent again (with backoff) after a
-        transient error, at most ``retries`` times; ``stop`` ends the retrying."""
+        transient error, at most ``retries`` times.  ``stop`` (the run was
+        abandoned: another tile failed, Ctrl-C) cancels the call in flight, so
+        the server drops its work, and ends the retrying."""
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             try:
-                return method(request, timeout=max(remaining, 0.001), metadata=self._metadata)
+                if stop is None:
+                    return method(request, timeout=max(remaining, 0.001), metadata=self._metadata)
+                return _cancellable(method, request, max(remaining, 0.001), self._metadata, stop)
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
                 remaining = deadline - time.monotonic()
@@ -512,6 +516,18 @@ class NuClickClient:
         req = health_pb2.HealthCheckRequest(service="nuclick.v1.NuClick")
         resp = self._call(stub.Check, req, timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def _cancellable(method, request, timeout: float, metadata, stop: threading.Event):
+    """A unary call that ``stop`` cancels; its result, or its RpcError."""
+    call = method.future(request, timeout=timeout, metadata=metadata)
+    done = threading.Event()
+    call.add_done_callback(lambda _: done.set())
+    while not done.wait(0.1):
+        if stop.is_set():
+            call.cancel()
+            raise ServerError("CANCELLED", "the run was stopped before this tile was answered")
+    return call.result()
 
 
 def check_concurrency(args) -> int:

@@ -29,11 +29,12 @@ from grpc_health.v1 import health_pb2
 from PIL import Image
 
 from bridge.clicks import simulate_clicks
-from bridge.client import NuClickClient, ServerError
+from bridge.client import NuClickClient, ServerError, TileJob
 from bridge.errors import BridgeInputError
 from bridge.model.network import NuClickNet
 from bridge.model.weights import save_weights
 from bridge.results import Click
+from bridge.service.core import Limits
 from bridge.service.server import SERVICE_NAME, NuClickServer
 from bridge.service.testing import DiscModel, ServeProcess, engine_for
 from bridge.targets import parse_target
@@ -137,6 +138,32 @@ def test_every_replica_down_is_one_line_after_the_retries_never_a_hang(crop_pair
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert "error: cannot reach the NuClick server at " + target in lines[0], lines
     assert not (tmp_path / "o.geojson").exists()
+
+
+def test_an_abandoned_run_cancels_its_tiles_in_flight(crop_pair):
+    """A tile that cannot be read ends the run with its own reason at once, and
+    the tiles still in flight are cancelled: the server drops their work."""
+    img, _ = crop_pair
+    slow = engine_for(DiscModel(delay_s=0.2), "slow")
+    srv = NuClickServer(slow, port=0, http_port=None, limits=Limits(max_batch=1)).start()  # 0.2 s a patch
+
+    def unreadable() -> np.ndarray:
+        raise BridgeInputError("slide.tif is truncated near x=512")
+
+    clicks = [Click(20.5 + 10 * k, 64.5, f"c{k}") for k in range(8)]  # 8 patches: > 1.6 s per tile
+    jobs = [TileJob(img[:128, :128], clicks) for _ in range(3)] + [TileJob(unreadable, clicks[:1])]
+    try:
+        with NuClickClient(f"127.0.0.1:{srv.grpc_port}", concurrency=4, timeout=60) as cl:
+            with pytest.raises(BridgeInputError, match="truncated"):
+                list(cl.segment_parallel(jobs))
+            deadline = time.monotonic() + 30
+            while srv.stats()["cancelled"] < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stats = srv.stats()
+            assert stats["cancelled"] == 3 and stats["requests"] == 3, stats  # dropped, not finished
+            assert stats["batch_patches"] < 3 * len(clicks)  # the rest of their patches never ran
+    finally:
+        srv.stop(grace=0)
 
 
 @pytest.mark.parametrize(
