@@ -36,7 +36,7 @@ from bridge.model.weights import save_weights
 from bridge.results import Click
 from bridge.service.core import Limits
 from bridge.service.server import SERVICE_NAME, NuClickServer
-from bridge.service.testing import DiscModel, ServeProcess, engine_for
+from bridge.service.testing import DiscModel, ServeProcess, TextureModel, engine_for
 from bridge.targets import parse_target
 
 REPLICA_FLAGS = ("--precision", "fp32", "--max-batch", "1", "--threads", "1", "--max-tile-side", "512")
@@ -344,3 +344,50 @@ def test_three_replicas_share_the_work_and_lose_nothing_when_two_go_away(replica
     finally:
         for r in replicas:
             r.kill()
+
+
+def test_the_qupath_connector_spreads_its_tiles_and_writes_what_one_server_gives(monuseg_pair, tmp_path, capsys):
+    """``nuclick-bridge qupath --server A,B --concurrency 3`` on a project (the
+    in-memory stand-in for paquo, a real tiled TIFF): both replicas segment
+    tiles, and the detections equal those of a run against one server with
+    one tile at a time."""
+    import tifffile
+
+    from bridge.cli import build_parser
+    from bridge.commands.qupath import run_on
+    from bridge.connectors.qupath_memory import MemoryEntry, MemoryProject
+
+    img, lab = monuseg_pair
+    tif = tmp_path / "crop.tif"
+    tifffile.imwrite(tif, np.ascontiguousarray(img[:600, :600]), tile=(128, 128), photometric="rgb")
+    xy, _ = simulate_clicks(lab[:600, :600], jitter=3, seed=4)
+    points = [[float(x), float(y)] for x, y in xy[::3]]
+    annotation = {
+        "type": "Feature",
+        "geometry": {"type": "MultiPoint", "coordinates": points},
+        "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}},
+    }
+    limits = Limits(max_tile_side=512)  # many tiles from one image
+    servers = [
+        NuClickServer(engine_for(TextureModel(), "texture"), port=0, http_port=None, limits=limits).start()
+        for _ in range(2)
+    ]
+    try:
+        got = {}
+        for name, server, n in (
+            ("one", f"127.0.0.1:{servers[0].grpc_port}", "1"),
+            ("two", ",".join(f"127.0.0.1:{s.grpc_port}" for s in servers), "3"),
+        ):
+            entry = MemoryEntry("crop.tif", tif.as_uri(), [annotation])
+            before = [s.stats()["requests"] for s in servers]
+            args = build_parser().parse_args(["qupath", str(tmp_path), "--server", server, "--concurrency", n])
+            assert run_on(MemoryProject(tmp_path, [entry]), args) == 0
+            summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            assert summary["points"] == len(points) and summary["detections"] == len(entry.detections) > 10
+            got[name] = sorted(json.dumps([d["geometry"], d["properties"]["classification"]]) for d in entry.detections)
+            used = [s.stats()["requests"] - b for s, b in zip(servers, before, strict=True)]
+        assert min(used) >= 1, used  # the second run used both replicas
+        assert got["two"] == got["one"]
+    finally:
+        for s in servers:
+            s.stop(grace=0)
