@@ -67,9 +67,8 @@ java-test: java-deps
 	bash qupath_extension/javatest.sh test --details=summary --disable-ansi-colors
 
 # Scale-out checks (tests/test_nginx_proxy.py, tests/test_deploy.py): Debian's nginx for the
-# reverse-proxy test (installed quietly when /usr/sbin/nginx is missing) and kubernetes-validate,
-# which ships the Kubernetes JSON schemas, for checking deploy/kubernetes/ offline.
+# reverse-proxy test (installed quietly when /usr/sbin/nginx is missing); kubernetes-validate, which
+# ships the Kubernetes JSON schemas for checking deploy/kubernetes/ offline, is in the test extras.
 .PHONY: deploy-deps
-deploy-deps: install
+deploy-deps:
 	bash scripts/install_nginx.sh
-	$(BIN)/python -c "import kubernetes_validate" 2>/dev/null || $(BIN)/pip install -q "kubernetes-validate>=1.33"
