@@ -28,12 +28,13 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # support.serve: the test suite's child-process server
 
 from bridge.clicks import simulate_clicks  # noqa: E402
 from bridge.client import NuClickClient  # noqa: E402
 from bridge.imageio import ArrayReader  # noqa: E402
 from bridge.results import Click  # noqa: E402
-from bridge.service.testing import ServeProcess  # noqa: E402
+from support.serve import ServeProcess  # noqa: E402
 
 IMAGE = "TCGA-21-5786-01Z-00-DX1"
 

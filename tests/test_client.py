@@ -21,7 +21,7 @@ from bridge.model.network import NuClickNet
 from bridge.model.weights import save_weights
 from bridge.results import Click
 from bridge.service.server import NuClickServer
-from bridge.service.testing import DiscModel, TextureModel, engine_for
+from support.models import DiscModel, TextureModel, engine_for
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from PIL import Image
 
 from bridge.results import Click
 from bridge.service.server import NuClickServer
-from bridge.service.testing import TextureModel, engine_for
+from support.models import TextureModel, engine_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "deploy" / "nginx" / "nuclick.conf"

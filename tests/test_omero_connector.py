@@ -53,7 +53,6 @@ from bridge.connectors.omero_core import (
     PointRecord,
     class_stroke,
     parse_description,
-    points_to_polygon,
     polygon_points,
     polygon_specs,
 )
@@ -63,6 +62,7 @@ from bridge.errors import BridgeInputError
 from bridge.imageio import ArrayReader
 from bridge.results import Click, NucleusResult
 from bridge.watershed import WatershedSegmenter
+from support.omero_shapes import points_to_polygon
 
 GROUP = 53  # the user's default group
 OTHER_GROUP = 54

@@ -21,16 +21,14 @@ from bridge.connectors.omero_core import (
     class_stroke,
     pack_rgba,
     parse_description,
-    parse_points,
     plan_image,
-    points_to_polygon,
     polygon_points,
     polygon_specs,
     roi_description,
-    unpack_rgba,
 )
 from bridge.geojson import class_color
 from bridge.results import NucleusResult
+from support.omero_shapes import parse_points, points_to_polygon, unpack_rgba
 
 # ---------------------------------------------------------------- polygon strings
 

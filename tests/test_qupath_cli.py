@@ -15,9 +15,9 @@ import tifffile
 from bridge.cli import build_parser, main
 from bridge.clicks import simulate_clicks
 from bridge.commands.qupath import export_from, run_on
-from bridge.connectors.qupath_memory import MemoryEntry, MemoryProject
 from bridge.connectors.qupath_paquo import project_file
 from bridge.errors import BridgeInputError
+from support.qupath_memory import MemoryEntry, MemoryProject
 
 
 def test_importing_the_command_loads_neither_paquo_nor_torch():

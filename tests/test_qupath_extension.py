@@ -30,7 +30,7 @@ from bridge.client import plan_tiles
 from bridge.imageio import ArrayReader
 from bridge.results import Click
 from bridge.service.server import NuClickServer
-from bridge.service.testing import TextureModel, engine_for
+from support.models import TextureModel, engine_for
 
 ROOT = Path(__file__).resolve().parents[1]
 JAVATEST = ROOT / "qupath_extension" / "javatest.sh"

@@ -12,7 +12,6 @@ import pytest
 from shapely.geometry import Point, shape
 
 from bridge.clicks import simulate_clicks
-from bridge.connectors.qupath_memory import as_stored_by_qupath
 from bridge.connectors.qupath_objects import (
     AREA_PX,
     AREA_UM,
@@ -36,6 +35,7 @@ from bridge.geojson import class_color
 from bridge.imageio import ArrayReader
 from bridge.results import Click
 from bridge.watershed import WatershedSegmenter
+from support.qupath_memory import as_stored_by_qupath
 
 TUMOR_ID = "6f1d1c47-7d0a-4c1e-9a53-0c3f5b2e8a11"
 

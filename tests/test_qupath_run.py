@@ -1,7 +1,7 @@
 """The QuPath connector's core, end to end without QuPath: a real pyramidal
 tiled TIFF written by tifffile, point annotations in two classes, the real
 watershed segmenter, and the in-memory project (the documented stand-in for
-the paquo calls, ``bridge.connectors.qupath_memory``)."""
+the paquo calls, ``support.qupath_memory``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from shapely.geometry import box, shape
 
 from bridge.clicks import simulate_clicks
 from bridge.connectors.qupath_images import OpenSlideReader, open_local_image
-from bridge.connectors.qupath_memory import MemoryEntry, MemoryProject
 from bridge.connectors.qupath_objects import AREA_UM, our_detections, parse_marker, point_key
 from bridge.connectors.qupath_run import RunOptions, export_image, plan_points, run_project
 from bridge.errors import BridgeInputError
@@ -24,6 +23,7 @@ from bridge.imageio import ArrayReader
 from bridge.results import Click
 from bridge.tiling import plan_tiles
 from bridge.watershed import WatershedSegmenter
+from support.qupath_memory import MemoryEntry, MemoryProject
 
 CLASSES = ("Tumor", "Immune cells")
 CALIBRATED = {

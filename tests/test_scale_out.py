@@ -36,8 +36,9 @@ from bridge.model.weights import save_weights
 from bridge.results import Click
 from bridge.service.core import Limits
 from bridge.service.server import SERVICE_NAME, NuClickServer
-from bridge.service.testing import DiscModel, ServeProcess, TextureModel, engine_for
 from bridge.targets import parse_target
+from support.models import DiscModel, TextureModel, engine_for
+from support.serve import ServeProcess
 
 REPLICA_FLAGS = ("--precision", "fp32", "--max-batch", "1", "--threads", "1", "--max-tile-side", "512")
 
@@ -355,7 +356,7 @@ def test_the_qupath_connector_spreads_its_tiles_and_writes_what_one_server_gives
 
     from bridge.cli import build_parser
     from bridge.commands.qupath import run_on
-    from bridge.connectors.qupath_memory import MemoryEntry, MemoryProject
+    from support.qupath_memory import MemoryEntry, MemoryProject
 
     img, lab = monuseg_pair
     tif = tmp_path / "crop.tif"

@@ -23,7 +23,7 @@ from bridge.service.core import Limits
 from bridge.service.gen import nuclick_pb2 as pb
 from bridge.service.gen import nuclick_pb2_grpc as pb_grpc
 from bridge.service.server import NuClickServer
-from bridge.service.testing import DiscModel, engine_for
+from support.models import DiscModel, engine_for
 
 
 def wait_until(predicate, timeout: float = 15.0) -> bool:

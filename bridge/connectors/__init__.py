@@ -11,6 +11,6 @@ tested with real files and no server:
 QuPath: :mod:`bridge.connectors.qupath_objects` (points, markers, detections),
 :mod:`bridge.connectors.qupath_run` (planning, segmentation, safe writes),
 :mod:`bridge.connectors.qupath_images` (local pixels),
-:mod:`bridge.connectors.qupath_paquo` (paquo) and
-:mod:`bridge.connectors.qupath_memory` (the in-memory test double of the paquo layer).
+:mod:`bridge.connectors.qupath_paquo` (paquo); the tests stand in for the paquo layer
+with an in-memory double (``tests/support/qupath_memory.py``).
 """

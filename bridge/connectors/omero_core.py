@@ -42,7 +42,6 @@ STROKE_WIDTH = 1.0
 COORD_DECIMALS = 2  # polygon vertices: 1/100 px is far below any segmentation error
 
 _DESCRIPTION_RE = re.compile(rf"^{re.escape(MARKER)}; point=(?P<point>[^;\s]+); run=(?P<run>[^;\s]+)")
-_LEGACY_POINTS_RE = re.compile(r"points\[([^\]]*)\]")
 
 
 # ---------------------------------------------------------------- records
@@ -176,27 +175,6 @@ def polygon_points(polygon: Polygon | MultiPolygon) -> str:
     return " ".join(parts)
 
 
-def parse_points(text: str) -> list[tuple[float, float]]:
-    """Vertices of an OMERO ``points`` string, in OMERO coordinates.
-
-    Reads the canonical ``"x,y x,y ..."`` form and the legacy
-    ``"points[x,y, x,y] points1[...] ..."`` form older clients wrote.
-    """
-    text = (text or "").strip()
-    legacy = _LEGACY_POINTS_RE.search(text)
-    if legacy:
-        text = legacy.group(1)
-    numbers = [float(v) for v in re.split(r"[\s,]+", text.strip()) if v]
-    if len(numbers) % 2:
-        raise ValueError(f"odd number of coordinates in points string {text[:40]!r}")
-    return list(zip(numbers[0::2], numbers[1::2], strict=True))
-
-
-def points_to_polygon(text: str) -> Polygon:
-    """The polygon of an OMERO ``points`` string, in our level-0 frame."""
-    return Polygon([omero_to_level0(x, y) for x, y in parse_points(text)])
-
-
 # ---------------------------------------------------------------- colours
 
 
@@ -207,11 +185,6 @@ def pack_rgba(r: int, g: int, b: int, a: int = 255) -> int:
             raise ValueError(f"colour component {v} is not in 0..255")
     value = (int(r) << 24) | (int(g) << 16) | (int(b) << 8) | int(a)
     return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def unpack_rgba(value: int) -> tuple[int, int, int, int]:
-    value = int(value) & 0xFFFFFFFF
-    return (value >> 24) & 255, (value >> 16) & 255, (value >> 8) & 255, value & 255
 
 
 def class_stroke(class_name: str | None) -> int:

@@ -83,8 +83,6 @@ class OmeroPixelsReader(WindowedReader):
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = int(cache_bytes)
         self._cached = 0
-        self.tiles_fetched = 0
-        self.bytes_fetched = 0
         try:
             if ctx is None:
                 store.setPixelsId(int(pixels_id), True)
@@ -125,9 +123,7 @@ class OmeroPixelsReader(WindowedReader):
                     f"the server sent {len(raw)} bytes for a {w} x {h} uint8 tile at ({x}, {y}), channel {c}"
                 )
             planes.append(np.frombuffer(raw, dtype=np.uint8).reshape(h, w))
-            self.bytes_fetched += len(raw)
         tile = np.stack(planes, axis=-1)
-        self.tiles_fetched += 1
         self._cache[key] = tile
         self._cached += tile.nbytes
         while self._cached > self._cache_bytes and len(self._cache) > 1:

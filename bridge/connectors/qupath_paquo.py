@@ -2,7 +2,7 @@
 
 Only these functions touch paquo (and, through it, QuPath's Java code); the
 rest of the connector is plain Python tested without QuPath, with
-:mod:`bridge.connectors.qupath_memory` standing in for this module.
+``tests/support/qupath_memory.py`` standing in for this module.
 
 * :func:`project_file` - ``project.qpproj`` or its folder, checked before paquo loads;
 * :func:`open_project` - paquo's ``QuPathProject`` in mode ``"r"`` (dry run,

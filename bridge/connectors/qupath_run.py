@@ -5,7 +5,7 @@ whole job (choosing images and points, reading pixels, segmenting, building
 detections, deciding what to skip or replace, reporting) lives here and talks
 to the project only through the small :class:`QuPathProjectLike` /
 :class:`QuPathEntry` interface.  :mod:`bridge.connectors.qupath_paquo`
-implements it with paquo; :mod:`bridge.connectors.qupath_memory` implements it
+implements it with paquo; ``tests/support/qupath_memory.py`` implements it
 in memory for the tests.
 
 The run, per project:

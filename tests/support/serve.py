@@ -1,9 +1,5 @@
-"""Real networks with known behaviour, for the service's tests and benchmarks.
-
-They are genuine ``torch.nn.Module``s run by the real engine, batcher and
-server; only their weights are not learned, so that tests can check
-geometry (a disc of known radius around each click) instead of accuracy.
-"""
+"""A real ``nuclick-bridge serve`` in a child process, for tests and benchmarks
+that kill or drain replicas (benchmarks/replicas.py puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
@@ -12,53 +8,8 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
-
-import numpy as np
-import torch
-
-from bridge.engine import NuClickEngine
-from bridge.model.weights import ModelInfo
-
-
-class DiscModel(torch.nn.Module):
-    """Logits positive within ~``radius`` model pixels of the inclusion peak."""
-
-    def __init__(self, radius: float = 5.0, sigma: float = 2.0, delay_s: float = 0.0) -> None:
-        super().__init__()
-        self.level = float(np.exp(-(radius**2) / (2 * sigma**2)))
-        self.delay_s = delay_s
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.delay_s:
-            time.sleep(self.delay_s)  # a slow device, for cancellation and shutdown tests
-        return 50.0 * (x[:, 3:4] - self.level)
-
-
-class TextureModel(torch.nn.Module):
-    """A disc that the image and the neighbours' exclusion maps bend: nuclei
-    touch and overlap, and every probability depends on the pixels, as with
-    a trained network (a fixed random convolution, seeded)."""
-
-    def __init__(self, radius: float = 9.0, sigma: float = 2.0, seed: int = 0) -> None:
-        super().__init__()
-        self.level = float(np.exp(-(radius**2) / (2 * sigma**2)))
-        gen = torch.Generator().manual_seed(seed)
-        self.conv = torch.nn.Conv2d(3, 1, 5, padding=2)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=gen) * 0.3)
-            self.conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        incl = torch.nn.functional.avg_pool2d(x[:, 3:4], 9, stride=1, padding=4) * 20
-        return 30.0 * (x[:, 3:4] - self.level) + incl - 20.0 * x[:, 4:5] + self.conv(x[:, :3])
-
-
-def engine_for(model: torch.nn.Module, name: str = "test", pixel_size_um: float = 0.25, **kw) -> NuClickEngine:
-    info = ModelInfo(name, "test", "", 0.0, pixel_size_um=pixel_size_um)
-    return NuClickEngine(model, info, device="cpu", **kw)
 
 
 class ServeProcess:
