@@ -260,17 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _attach_arguments(p: argparse.ArgumentParser) -> None:
-    """Subcommands owned by optional parts declare their flags in their own
-    module (``add_arguments``); a missing module leaves the command reporting it."""
-    spec = p.get_default("add_arguments")
-    try:
-        _resolve(spec)(p)
-    except (ImportError, AttributeError):
-        p.set_defaults(handler="bridge.cli:_unavailable")
-
-
-def _unavailable(args: argparse.Namespace) -> int:
-    raise BridgeInputError(f"the '{args.command}' command is not available in this installation")
+    """Subcommands declare their flags in their own module (``add_arguments``),
+    which imports nothing optional; an import error there is a bug and is raised."""
+    _resolve(p.get_default("add_arguments"))(p)
 
 
 def _resolve(spec: str) -> Handler:

@@ -109,6 +109,26 @@ def _umask() -> int:
     return 0o022
 
 
+def check_writable(path: str | Path, flag: str = "--out") -> None:
+    """Fail in one line, before any work, when :func:`atomic_write_bytes` could
+    not write ``path``: a folder given as the file, a missing folder, or a
+    place this process cannot create files in (probed with a real temp file,
+    as the write itself will need one; permission bits alone mislead root)."""
+    from bridge.errors import BridgeInputError
+
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise BridgeInputError(f"{flag} {path} is a folder; give a file name, such as {path / 'nuclei.geojson'}")
+    if not directory.is_dir():
+        raise BridgeInputError(f"output folder does not exist: {directory}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise BridgeInputError(f"cannot write {flag} {path}: {exc.strerror or exc} in {directory}") from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
 

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,56 @@ def test_segment_bad_inputs_fail_cleanly_and_write_nothing(small_case, tmp_path,
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary leftovers
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot create files in: a chmod 555 folder, or
+    /sys where permission bits do not bind (root)."""
+    d = tmp_path / "read-only"
+    d.mkdir()
+    d.chmod(0o555)
+    try:
+        for candidate in (d, Path("/sys")):
+            try:
+                (candidate / ".probe").touch()
+                (candidate / ".probe").unlink()
+            except OSError:
+                yield candidate
+                return
+        pytest.skip("no read-only folder here (root, and /sys is writable)")
+    finally:
+        d.chmod(0o755)
+
+
+def test_segment_checks_out_before_any_compute(small_case, tmp_path, read_only_dir, cli, monkeypatch):
+    """A folder, a read-only place or a missing folder as ``--out`` fails in one
+    line before the image is segmented, not after the work is done."""
+    import bridge.commands.segment as segment_command
+
+    monkeypatch.setattr(
+        segment_command, "make_segmenter", lambda args: pytest.fail("segmented before --out was checked")
+    )
+    d, _ = small_case
+    base = ["segment", d / "crop.png", "--points", d / "clicks.csv", "--method", "watershed", "--out"]
+    assert_one_line_error(cli(*base, tmp_path), f"--out {tmp_path} is a folder; give a file name")
+    assert_one_line_error(cli(*base, read_only_dir / "o.geojson"), f"cannot write --out {read_only_dir}/o.geojson")
+    assert_one_line_error(cli(*base, tmp_path / "nope" / "o.geojson"), f"output folder does not exist: {tmp_path}")
+    assert not list(tmp_path.glob(".*probe")) and not list(read_only_dir.glob(".*probe"))
+
+
+def test_a_broken_command_module_is_raised_not_reported_as_unavailable(monkeypatch):
+    """An import error in a command's module is a bug to see, not 'command not available'."""
+    import bridge.commands.omero as omero_command
+    from bridge.cli import build_parser
+
+    monkeypatch.delattr(omero_command, "add_arguments")
+    with pytest.raises(AttributeError, match="add_arguments"):
+        build_parser()
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "bridge.commands.serve", None)  # the import itself fails
+    with pytest.raises(ImportError, match=r"bridge\.commands\.serve"):
+        build_parser()
+
+
 def test_clicks_outside_are_reported_not_dropped(small_case, tmp_path):
     d, _ = small_case
     (tmp_path / "c.csv").write_text("x,y\n500,500\n-1,3\n")
@@ -151,8 +202,12 @@ def test_evaluate_watershed_prints_metrics_and_writes_predictions(data_root, tmp
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(summary) == {"aji", "dice", "dice_obj", "sq", "dq", "pq", "images", "nuclei", "nuclei_per_s"}
-    assert summary["images"] == 2 and summary["nuclei"] > 0
-    assert 0.2 < summary["aji"] < 1.0
+    assert summary["images"] == 2 and summary["nuclei"] == 160
+    # Measured on these two CoNSeP tiles (jitter 5, seed 0): AJI 0.4879, PQ 0.3484 (the card's full
+    # MoNuSeg val baseline is AJI 0.5848).  One of the 160 nuclei segmented differently moves AJI by
+    # about 0.003, so 0.005 below the measured value is the floor: the baseline may not get worse.
+    assert summary["aji"] == pytest.approx(0.4879, abs=0.005)
+    assert summary["pq"] == pytest.approx(0.3484, abs=0.005)
     pred = np.asarray(Image.open(tmp_path / "pred" / "test_1_000.png"))
     assert pred.dtype == np.uint16 and pred.shape == (256, 256) and pred.max() > 0
     again = run_cli(

@@ -110,14 +110,11 @@ def run_on(project, args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from bridge.connectors.qupath_paquo import open_project, project_file
-    from bridge.errors import BridgeInputError
+    from bridge.geojson import check_writable
 
     project_file(args.project)
-    if not Path(args.out).parent.is_dir():
-        raise BridgeInputError(f"output folder does not exist: {Path(args.out).parent}")
+    check_writable(args.out)
     return export_from(open_project(args.project, readonly=True), args)
 
 

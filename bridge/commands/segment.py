@@ -10,15 +10,14 @@ from pathlib import Path
 
 from bridge.commands.common import make_segmenter
 from bridge.errors import BridgeInputError
-from bridge.geojson import write_geojson
+from bridge.geojson import check_writable, write_geojson
 from bridge.imageio import open_image
 from bridge.points import read_points, validate_clicks
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise BridgeInputError(f"output folder does not exist: {out.parent}")
+    check_writable(out)  # before any compute: a run must not be lost to an unwritable --out
     if args.tolerance < 0:
         raise BridgeInputError("--tolerance must be >= 0")
     clicks = read_points(args.points)
