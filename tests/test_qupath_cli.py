@@ -4,6 +4,7 @@ are not projects."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -92,15 +93,41 @@ def test_bad_flags_are_refused_before_paquo(fake_project, tmp_path, capsys):
     assert "output folder does not exist" in capsys.readouterr().err
 
 
+NEED_PAQUO = (
+    "nuclick-bridge qupath: error: the qupath commands need paquo: "
+    "pip install 'nuclick-bridge[qupath]' (and QuPath 0.6)"
+)
+
+
+def _qupath_in_a_fresh_process(project, env: dict, block_paquo: bool = False) -> str:
+    """The last stderr line of ``qupath --dry-run`` in a fresh interpreter (paquo
+    starts Java at most once per process); ``block_paquo`` makes ``import paquo`` fail."""
+    code = "import sys\n"
+    if block_paquo:
+        code += "sys.modules['paquo'] = None\n"
+    code += f"from bridge.cli import main\nsys.exit(main(['qupath', {str(project)!r}, '--dry-run']))\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_without_paquo_the_error_says_what_to_install(fake_project):
+    assert _qupath_in_a_fresh_process(fake_project, dict(os.environ), block_paquo=True) == NEED_PAQUO
+
+
 def test_without_a_usable_qupath_the_error_says_what_to_install_or_set(fake_project, tmp_path):
-    """In a fresh process (paquo starts Java at most once per process)."""
+    """Here paquo is either missing (say what to install) or finds no QuPath (say what to set): one
+    message for each case, and the installed packages decide which case this is."""
     env = {**os.environ, "PAQUO_QUPATH_DIR": str(tmp_path / "no-qupath-here")}
-    cmd = [sys.executable, "-m", "bridge.cli", "qupath", str(fake_project), "--dry-run"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert done.returncode == 2
-    err = done.stderr.strip().splitlines()[-1]
-    assert err.startswith("nuclick-bridge qupath: error: ")
-    assert "pip install 'nuclick-bridge[qupath]'" in err or "set PAQUO_QUPATH_DIR" in err
+    err = _qupath_in_a_fresh_process(fake_project, env)
+    if importlib.util.find_spec("paquo") is None:
+        assert err == NEED_PAQUO
+    else:
+        assert err.startswith("nuclick-bridge qupath: error: paquo could not start QuPath ("), err
+        assert err.endswith(
+            "; set PAQUO_QUPATH_DIR to your QuPath 0.6 folder (the one containing lib/app and lib/runtime)"
+        ), err
 
 
 def test_command_on_a_project_and_export_match_segment(crop_pair, tmp_path, capsys):

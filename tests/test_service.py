@@ -136,26 +136,44 @@ def test_results_equal_the_in_process_engine_with_a_real_network(tmp_path, tile)
             assert got.score == pytest.approx(exp.score, abs=1e-5)
 
 
+def disc_pixels(model: DiscModel, threshold: float = 0.4) -> int:
+    """Model pixels DiscModel marks as nucleus around a click on a pixel corner:
+    pixel centres at half-integer offsets whose probability is over the
+    threshold, from the model's own definition (independent of the server)."""
+    offsets = np.arange(-12, 12) + 0.5
+    dx, dy = np.meshgrid(offsets, offsets)
+    prob = 1 / (1 + np.exp(-50.0 * (np.exp(-(dx**2 + dy**2) / 8.0) - model.level)))
+    assert np.abs(prob - threshold).min() > 1e-3  # no pixel on the fence: float32 cannot flip one
+    return int((prob > threshold).sum())
+
+
 def test_downsample_and_pixel_size_bring_tiles_to_the_model_scale(stub):
+    """With simplification off, a nucleus's area is its model pixel count times
+    the area one model pixel covers in level 0, exactly: so the area checks the
+    scale the server chose, to the pixel."""
     img = np.full((96, 96, 3), 180, np.uint8)
+    n = disc_pixels(DiscModel())  # 88: a disc of radius ~5.2 model px
 
     def area(downsample, **kw):
         c = Click(ORIGIN[0] + 48.0 * downsample, ORIGIN[1] + 48.0 * downsample, "c")  # the tile's centre
-        resp = stub.Segment(request(img, [c], downsample=downsample, **kw), timeout=30)
+        req = request(img, [c], downsample=downsample, **kw)
+        req.simplify_tolerance = 0.0  # the exact union of the mask's pixels
+        resp = stub.Segment(req, timeout=30)
         r = resp.results[0]
         assert r.found, r.reason
         poly = polygon_from_pb(r.polygon)
-        assert poly.centroid.distance(Point(c.x, c.y)) < 1.5
+        assert poly.centroid.distance(Point(c.x, c.y)) < 1e-9  # symmetric about the click
+        assert r.area_px == pytest.approx(poly.area, abs=1e-9)
         return r.area_px, resp.resample_factor
 
-    base, f = area(downsample=2.0)  # no pixel size: the tile is used as it is, polygons scaled back by 2
-    assert f == 1.0 and base == pytest.approx(4 * np.pi * 25, rel=0.25)
+    base, f = area(downsample=2.0)  # no pixel size: the tile is used as it is, a model px is 2x2 level-0 px
+    assert f == 1.0 and base == pytest.approx(4 * n, abs=1e-9)
     near, f = area(downsample=2.0, pixel_size_um=0.13)  # 0.26 um: within 10% of the model's 0.25
     assert f == 1.0 and near == base
-    half, f = area(downsample=2.0, pixel_size_um=0.25)  # tile pixels are 0.5 um: resampled x2
-    assert f == pytest.approx(2.0) and half == pytest.approx(base / 4, rel=0.25)
+    half, f = area(downsample=2.0, pixel_size_um=0.25)  # tile pixels are 0.5 um: enlarged x2, model px = level-0 px
+    assert f == pytest.approx(2.0) and half == pytest.approx(n, abs=1e-9)
     small, f = area(downsample=1.0, pixel_size_um=0.125)  # tile finer than the model: shrunk x0.5
-    assert f == pytest.approx(0.5) and small == pytest.approx(4 * np.pi * 25, rel=0.3)
+    assert f == pytest.approx(0.5) and small == pytest.approx(4 * n, abs=1e-9)
 
 
 def test_png_and_jpeg_tiles(stub, tile):
