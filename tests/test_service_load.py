@@ -23,7 +23,7 @@ from bridge.service.core import Limits
 from bridge.service.gen import nuclick_pb2 as pb
 from bridge.service.gen import nuclick_pb2_grpc as pb_grpc
 from bridge.service.server import NuClickServer
-from support.models import DiscModel, engine_for
+from support.models import DiscModel, Gate, engine_for
 
 
 def wait_until(predicate, timeout: float = 15.0) -> bool:
@@ -99,28 +99,38 @@ def test_16_clients_x_20_requests_each_get_their_own_answers(crop_pair):
 
 
 def test_concurrent_requests_are_coalesced_into_one_batch(crop_pair):
+    """Four one-click requests that wait while the device is busy meet in one
+    forward pass.  The test holds the device (a forward pass waiting at a
+    Gate) until all four are queued, so no clock decides what is batched."""
     img, _ = crop_pair
-    # A batch waits up to 1 s for 4 patches: four concurrent one-click requests
-    # must meet in a single forward pass.
+    gate = Gate()
     srv = NuClickServer(
-        engine_for(DiscModel(), "disc"), port=0, http_port=None, limits=Limits(max_batch=4, batch_wait_ms=1000)
+        engine_for(DiscModel(gate=gate), "disc"), port=0, http_port=None, limits=Limits(max_batch=4, batch_wait_ms=0)
     ).start()
     try:
-        out: list = [None] * 4
+        out: list = [None] * 5
 
         def call(k: int) -> None:
             with NuClickClient(f"127.0.0.1:{srv.grpc_port}", timeout=60) as cl:
                 out[k] = cl.segment(*one_click(img, k))
 
+        busy = threading.Thread(target=call, args=(4,))  # its forward pass holds the device
+        busy.start()
+        assert gate.entered.wait(30)
         threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
-        for t in threads:
+        assert wait_until(lambda: srv.stats()["batch_queued_chunks"] == 4), srv.stats()
+        gate.opened.set()
+        for t in [busy, *threads]:
             t.join(60)
         assert all(o is not None and o[0].found for o in out)
+        assert [o[0].click.id for o in out] == [f"c{k}" for k in range(5)]
         stats = srv.stats()
-        assert (stats["batch_batches"], stats["batch_patches"], stats["batch_largest_batch"]) == (1, 4, 4)
+        # the busy call's batch of 1, then the four queued calls in one batch of 4
+        assert (stats["batch_batches"], stats["batch_patches"], stats["batch_largest_batch"]) == (2, 5, 4)
     finally:
+        gate.opened.set()
         srv.stop(grace=1)
 
 
