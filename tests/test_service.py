@@ -4,6 +4,7 @@ bad input, HTTP/JSON, tokens, TLS, health and reflection, streams."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import queue
@@ -359,6 +360,82 @@ def test_http_stream_answers_ndjson_lines_in_order(server, tile):
     assert [o["requestId"] for o in out] == ["t0", "", "t1", "t2"]
     assert out[1]["error"]["code"] == "INVALID_ARGUMENT"
     assert [r["clickId"] for r in out[3]["results"]] == [clicks[2].id, clicks[3].id]
+
+
+def test_an_early_error_reply_leaves_a_kept_alive_connection_usable(tile):
+    """A 401 (or 404, 405) is sent before the body is read: the server reads and
+    drops that body, so the client's next request on the same connection is
+    understood (it used to get '400 Bad request syntax' from the leftover body)."""
+    img, clicks = tile
+    srv = NuClickServer(engine_for(DiscModel(), "disc"), port=0, http_port=0, token=TOKEN).start()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=30)
+    try:
+        body = _json(request(img, clicks))
+        good = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        conn.request("POST", "/v1/segment", body, {"Authorization": "Bearer nope"})
+        sock = conn.sock
+        resp = conn.getresponse()
+        assert resp.status == 401 and json.loads(resp.read())["code"] == "UNAUTHENTICATED"
+        assert resp.getheader("Connection") != "close"
+        for path, status in (("/v1/segment", 200), ("/v1/nothing", 404), ("/v1/model", 405), ("/v1/segment", 200)):
+            conn.request("POST", path, body, good)
+            resp = conn.getresponse()
+            doc = json.loads(resp.read())
+            assert resp.status == status, (path, doc)
+            assert conn.sock is sock, "the connection was not kept alive"
+        assert [r["clickId"] for r in doc["results"]] == [c.id for c in clicks]
+    finally:
+        conn.close()
+        srv.stop(grace=1)
+
+
+def test_an_unexpected_error_in_a_stream_ends_it_with_an_internal_error(tile, monkeypatch):
+    """A bug while a stream is answered (here: one request's handler raises)
+    ends the stream with INTERNAL and no detail of the bug: gRPC's status, and
+    over HTTP a last NDJSON error record in a well-formed chunked body, never a
+    second HTTP response inside it.  The server goes on serving."""
+    img, clicks = tile
+    srv = NuClickServer(engine_for(DiscModel(), "disc"), port=0, http_port=0).start()
+    real = srv.service.segment_one
+
+    def segment_one(req, cancel):
+        if req.request_id == "boom":
+            raise RuntimeError("a bug with a secret detail")
+        return real(req, cancel)
+
+    monkeypatch.setattr(srv.service, "segment_one", segment_one)
+    reqs = []
+    for rid in ("s0", "boom", "s2"):
+        reqs.append(request(img, clicks[:1]))
+        reqs[-1].request_id = rid
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:
+            stub = pb_grpc.NuClickStub(ch)
+            got = []
+            with pytest.raises(grpc.RpcError) as info:
+                for resp in stub.SegmentStream(iter(reqs), timeout=60):
+                    got.append(resp)
+            assert [r.request_id for r in got] == ["s0"] and got[0].results[0].found
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert info.value.details() == "internal error in the stream; see the server log"
+            assert len(stub.Segment(request(img, clicks[:1]), timeout=30).results) == 1
+
+        conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=30)
+        try:
+            conn.request("POST", "/v1/segmentStream", b"\n".join(_json(r).replace(b"\n", b"") for r in reqs))
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
+            body = resp.read()  # http.client decodes the chunks: a response inside the body would break them
+        finally:
+            conn.close()
+        assert b"HTTP/1." not in body
+        lines = [json.loads(line) for line in body.splitlines()]
+        assert [line.get("requestId") for line in lines[:-1]] == ["s0"]
+        internal = {"code": "INTERNAL", "message": "internal error in the stream; see the server log"}
+        assert lines[-1] == {"error": internal}
+        assert _http(srv.http_port, "/v1/model")[0] == 200
+    finally:
+        srv.stop(grace=1)
 
 
 # ---------------------------------------------------------------- streaming

@@ -41,6 +41,8 @@ MAX_TOLERANCE_PX = 10.0
 MIN_DOWNSAMPLE, MAX_DOWNSAMPLE = 1e-3, 1e4
 MAX_PIXEL_SIZE_UM = 1e4
 MAX_RESAMPLE = 64.0
+# What a stream ends with when something unexpected fails in it (the details go to the log).
+INTERNAL_STREAM = "internal error in the stream; see the server log"
 
 
 @dataclass
@@ -432,6 +434,11 @@ class SegmentService:
                         return
                     raise item
                 yield item.result()
+        except ServiceError:
+            raise
+        except Exception:  # a bug, not the client's doing: one clean INTERNAL for every transport
+            log.exception("stream failed")
+            raise ServiceError("INTERNAL", INTERNAL_STREAM) from None
         finally:
             cancel.set()  # stops the reader and drops queued work
             while True:

@@ -33,7 +33,7 @@ from google.protobuf import json_format
 from bridge.errors import BridgeInputError
 from bridge.service.auth import TokenCheck
 from bridge.service.convert import HTTP_STATUS, ServiceError
-from bridge.service.core import SegmentService, log_event
+from bridge.service.core import INTERNAL_STREAM, SegmentService, log_event
 from bridge.service.gen import nuclick_pb2 as pb
 from bridge.service.metrics import CONTENT_TYPE_LATEST
 
@@ -66,6 +66,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "nuclick-bridge"
     timeout = 60  # seconds a client may stall mid-request
     disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
+    _body_read = False  # whether this request's body was consumed (see _settle_body)
 
     def log_message(self, format: str, *args) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -83,9 +84,39 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _error(self, exc: ServiceError) -> None:
+        self._settle_body()
         status = exc.http_status or HTTP_STATUS.get(exc.code, 500)
         body = json.dumps({"code": exc.code, "message": exc.message}).encode("utf-8")
         self._send(status, body)
+
+    def _settle_body(self) -> None:
+        """Before an early error reply (401, 404, ...): read and drop the request
+        body that nobody read, so the next request on this kept-alive connection
+        starts where the client put it; a body that cannot be read (chunked,
+        over the limit, cut short) closes the connection instead."""
+        if self._body_read or self.close_connection:
+            return
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            return
+        if length is None:
+            return  # no body
+        try:
+            left = int(length)
+        except ValueError:
+            self.close_connection = True
+            return
+        if left < 0 or left > self.server.gateway.max_body:
+            self.close_connection = True
+            return
+        while left > 0:
+            got = self.rfile.read(min(left, 1 << 20))
+            if not got:
+                self.close_connection = True
+                return
+            left -= len(got)
+        self._body_read = True
 
     # ----------------------------------------------------------- requests
 
@@ -114,6 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
         if len(data) != n:
             self.close_connection = True
             raise ServiceError("INVALID_ARGUMENT", f"request body ended after {len(data)} of {n} bytes")
+        self._body_read = True
         return data
 
     def _authorize(self) -> None:
@@ -133,7 +165,6 @@ class _Handler(BaseHTTPRequestHandler):
         }
         handler = routes.get((method, path))
         if handler is None:
-            self.close_connection = True
             known = {p for _, p in routes}
             if path in known:
                 raise ServiceError("UNIMPLEMENTED", f"{method} is not allowed on {path}", http_status=405)
@@ -147,6 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _run(self, method: str) -> None:
         gw = self.server.gateway
+        self._body_read = False
         if not gw.enter():
             self.close_connection = True
             self._error(ServiceError("RESOURCE_EXHAUSTED", "too many HTTP requests at once; retry later"))
@@ -207,17 +239,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", NDJSON)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for resp in gw.service.segment_stream(requests, cancel):
-                chunk = to_json(resp) + b"\n"
-                self.wfile.write(f"{len(chunk):X}\r\n".encode() + chunk + b"\r\n")
-            self.wfile.write(b"0\r\n\r\n")
-        except ServiceError as exc:  # after the headers: end the body with the error as a last line
-            line = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode() + b"\n"
-            self.wfile.write(f"{len(line):X}\r\n".encode() + line + b"\r\n0\r\n\r\n")
-            self.close_connection = True
+            # From here on the status line is gone: every error ends the body with an error
+            # record (never a second HTTP response inside it) and closes the connection.
+            try:
+                for resp in gw.service.segment_stream(requests, cancel):
+                    chunk = to_json(resp) + b"\n"
+                    self.wfile.write(f"{len(chunk):X}\r\n".encode() + chunk + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+            except ServiceError as exc:
+                self._end_stream_with(exc)
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception:
+                log.exception("HTTP stream failed")
+                self._end_stream_with(ServiceError("INTERNAL", INTERNAL_STREAM))
         finally:
             cancel.set()
             gw.service.close_stream()
+
+    def _end_stream_with(self, exc: ServiceError) -> None:
+        line = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode() + b"\n"
+        self.close_connection = True
+        self.wfile.write(f"{len(line):X}\r\n".encode() + line + b"\r\n0\r\n\r\n")
 
 
 def _parse_line(line: bytes) -> pb.SegmentRequest | ServiceError:
