@@ -140,12 +140,30 @@ class TileJob:
     request_id: str = ""
 
 
-def _rpc_error(target: str, err: grpc.RpcError) -> ServerError:
+def _transport_hint(detail: str, tls: bool) -> str:
+    """What gRPC's transport error most likely means for a user of ``--server``
+    (its own words name the symptom, not the mistake)."""
+    if "ALPN" in detail or "Failed parsing HTTP/2" in detail or "SETTINGS frame" in detail:
+        return (
+            "; is this the server's HTTP port? --server takes its gRPC port "
+            "('nuclick-bridge serve --port', default 50051)"
+        )
+    if tls and "WRONG_VERSION_NUMBER" in detail:
+        return f"; the server does not use TLS on this port: unset {ENV_CA}, or check that this is its gRPC port"
+    if tls and "CERTIFICATE_VERIFY_FAILED" in detail:
+        return f"; the server's certificate is not trusted: set {ENV_CA} to the PEM CA bundle that signed it"
+    if not tls and "Socket closed" in detail:
+        return f"; if the server uses TLS ('serve --tls-cert'), set {ENV_CA} to the PEM CA bundle of its certificate"
+    return ""
+
+
+def _rpc_error(target: str, err: grpc.RpcError, tls: bool = False) -> ServerError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     name = code.name if code is not None else "UNKNOWN"
     detail = (err.details() if hasattr(err, "details") else "") or str(err)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return ServerError(name, f"cannot reach the NuClick server at {target} ({detail})")
+        hint = _transport_hint(detail, tls)
+        return ServerError(name, f"cannot reach the NuClick server at {target} ({detail}){hint}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ServerError(name, f"the NuClick server at {target} did not answer in time ({detail})")
     return ServerError(name, f"NuClick server {target}: {name}: {detail}")
@@ -212,7 +230,8 @@ class NuClickClient:
             ("grpc.enable_retries", 1),
         ]
         roots = _read_bytes(root_certificates)
-        if tls or roots is not None:
+        self.tls = bool(tls or roots is not None)
+        if self.tls:
             creds = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(parsed.grpc, creds, options=options)
         else:
@@ -261,10 +280,10 @@ class NuClickClient:
                 code = err.code() if hasattr(err, "code") else None
                 remaining = deadline - time.monotonic()
                 if code not in TRANSIENT or attempt >= self.retries or remaining <= 0:
-                    raise _rpc_error(self.target, err) from None
+                    raise _rpc_error(self.target, err, self.tls) from None
                 pause = min(self.backoff * 2**attempt, self.max_backoff, remaining)
                 if stop is not None and stop.wait(pause):
-                    raise _rpc_error(self.target, err) from None
+                    raise _rpc_error(self.target, err, self.tls) from None
                 if stop is None:
                     time.sleep(pause)
                 attempt += 1
@@ -370,7 +389,7 @@ class NuClickClient:
                 code = err.code() if hasattr(err, "code") else None
                 late = deadline is not None and time.monotonic() >= deadline
                 if code not in TRANSIENT or attempt >= self.retries or late:
-                    raise _rpc_error(self.target, err) from None
+                    raise _rpc_error(self.target, err, self.tls) from None
                 time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
                 attempt += 1
                 with self._count_lock:

@@ -559,6 +559,52 @@ def test_tls_on_grpc_and_http(tls_pair, tile):
         srv.stop(grace=1)
 
 
+def test_tls_and_port_mistakes_get_a_hint(tls_pair, tile, tmp_path, capsys, monkeypatch):
+    """gRPC's own words ('Socket closed', 'missing selected ALPN property') name
+    the symptom; the client's error says what is likely wrong."""
+    from bridge.cli import main
+    from bridge.client import NuClickClient, ServerError
+
+    img, _ = tile
+    cert, key = tls_pair
+    secure = NuClickServer(
+        engine_for(DiscModel(), "disc"), port=0, http_port=0, tls=(cert.read_bytes(), key.read_bytes())
+    ).start()
+    plain = NuClickServer(engine_for(DiscModel(), "disc"), port=0, http_port=0).start()
+    ca = "set NUCLICK_BRIDGE_CA to the PEM CA bundle of its certificate"
+    http_port = "is this the server's HTTP port? --server takes its gRPC port"
+    cases = [
+        (secure.grpc_port, {}, ca),  # TLS server, no CA bundle: "Socket closed"
+        (plain.http_port, {}, http_port),  # the HTTP port: "Failed parsing HTTP/2"
+        (secure.http_port, {"root_certificates": cert}, http_port),  # "missing selected ALPN property"
+        (plain.grpc_port, {"root_certificates": cert}, "the server does not use TLS on this port"),
+        (secure.grpc_port, {"tls": True}, "the server's certificate is not trusted"),  # system CAs only
+    ]
+    try:
+        for port, kw, hint in cases:
+            client = NuClickClient(f"127.0.0.1:{port}", retries=0, timeout=10, **kw)
+            with client as cl, pytest.raises(ServerError) as info:
+                cl.info()
+            assert info.value.code == "UNAVAILABLE" and hint in str(info.value), (port, kw, str(info.value))
+        with NuClickClient(f"127.0.0.1:{secure.grpc_port}", root_certificates=cert, retries=0) as cl:
+            assert cl.info().model_name == "disc"  # the right CA: no error at all
+
+        # As a user meets it: segment --server against the TLS server without NUCLICK_BRIDGE_CA.
+        Image.fromarray(img).save(tmp_path / "i.png")
+        (tmp_path / "c.csv").write_text("x,y\n10,10\n")
+        monkeypatch.delenv("NUCLICK_BRIDGE_CA", raising=False)
+        quick = classmethod(lambda cls, target, **kw: cls(target, retries=0, timeout=10, **kw))
+        monkeypatch.setattr(NuClickClient, "from_env", quick)
+        args = ["segment", str(tmp_path / "i.png"), "--points", str(tmp_path / "c.csv")]
+        args += ["--out", str(tmp_path / "o.geojson"), "--server", f"127.0.0.1:{secure.grpc_port}"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("nuclick-bridge segment: error: cannot reach") and ca in err[0]
+    finally:
+        secure.stop(grace=1)
+        plain.stop(grace=1)
+
+
 def test_health_and_reflection(server):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
