@@ -438,6 +438,43 @@ def test_an_unexpected_error_in_a_stream_ends_it_with_an_internal_error(tile, mo
         srv.stop(grace=1)
 
 
+def test_http_stream_size_limit_applies_per_line_as_on_grpc(tile):
+    """/v1/segmentStream's limit is per message (one NDJSON line), as gRPC's is:
+    a stream larger than the limit in total is answered; a line over it is a 413."""
+    img, _ = tile
+    limit = 50_000
+    srv = NuClickServer(
+        engine_for(DiscModel(), "disc"), port=0, http_port=0, limits=Limits(max_message_bytes=limit)
+    ).start()
+    try:
+        small = []
+        for k in range(5):
+            req = request(img[:64, :64], [Click(ORIGIN[0] + 20.5 + 5 * k, ORIGIN[1] + 30.5, f"m{k}")])
+            req.request_id = f"t{k}"
+            small.append(req)
+        lines = [json_format.MessageToJson(r, indent=None).encode() for r in small]
+        assert all(len(line) < limit for line in lines) and sum(map(len, lines)) > limit
+        status, body = _http(srv.http_port, "/v1/segmentStream", b"\n".join(lines))
+        assert status == 200, body
+        out = [json.loads(line) for line in body.splitlines()]
+        assert [o["requestId"] for o in out] == [f"t{k}" for k in range(5)]
+        assert all(o["results"][0]["found"] for o in out)
+        with grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}") as ch:  # the same stream over gRPC
+            got = list(pb_grpc.NuClickStub(ch).SegmentStream(iter(small), timeout=60))
+        assert [json_format.ParseDict(o, pb.SegmentResponse()) for o in out] == got
+
+        big = json_format.MessageToJson(request(img, []), indent=None).encode()  # 160x128 raw: over 50 kB
+        assert len(big) > limit
+        status, body = _http(srv.http_port, "/v1/segmentStream", lines[0] + b"\n" + big)
+        doc = json.loads(body)
+        assert (status, doc["code"]) == (413, "RESOURCE_EXHAUSTED")
+        assert doc["message"] == (
+            f"a line of the stream is over the limit of {limit} bytes per message: send smaller tiles"
+        )
+    finally:
+        srv.stop(grace=1)
+
+
 # ---------------------------------------------------------------- streaming
 
 

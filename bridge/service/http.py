@@ -8,7 +8,8 @@ enums by name.  Routes:
     GET  /v1/model          -> GetModelInfoResponse
     POST /v1/segment        SegmentRequest -> SegmentResponse
     POST /v1/segmentStream  NDJSON, one SegmentRequest per line -> NDJSON of
-                            SegmentResponse, chunked, in order
+                            SegmentResponse, chunked, in order; the size limit
+                            applies to each line, as gRPC's to each message
     GET  /healthz           {"status": "SERVING"} (503 while shutting down)
     GET  /metrics           Prometheus' text format (bridge.service.metrics); it needs
                             the token like /v1/*, and still answers while draining
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -120,8 +122,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ----------------------------------------------------------- requests
 
-    def _body(self) -> bytes:
-        gw = self.server.gateway
+    def _content_length(self) -> int:
+        """The request body's declared size; a body we cannot delimit closes the connection."""
         length = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
             self.close_connection = True
@@ -134,6 +136,11 @@ class _Handler(BaseHTTPRequestHandler):
         if n < 0:
             self.close_connection = True
             raise ServiceError("INVALID_ARGUMENT", f"bad Content-Length {length!r}")
+        return n
+
+    def _body(self) -> bytes:
+        gw = self.server.gateway
+        n = self._content_length()
         if n > gw.max_body:
             self.close_connection = True  # the body stays unread
             raise ServiceError(
@@ -147,6 +154,36 @@ class _Handler(BaseHTTPRequestHandler):
             raise ServiceError("INVALID_ARGUMENT", f"request body ended after {len(data)} of {n} bytes")
         self._body_read = True
         return data
+
+    def _stream_body(self, n: int) -> tempfile.SpooledTemporaryFile:
+        """The ``n``-byte NDJSON body, read in full before answering (a client may
+        send it all before it reads), into memory up to the size limit and into a
+        temporary file beyond.  The limit applies to each line (one message, as on
+        gRPC), not to the whole stream."""
+        limit = self.server.gateway.max_body
+        spool = tempfile.SpooledTemporaryFile(max_size=limit)  # noqa: SIM115 (the caller closes it)
+        left = n
+        try:
+            while left > 0:
+                line = self.rfile.readline(min(left, limit + 2))
+                if not line:
+                    self.close_connection = True
+                    raise ServiceError("INVALID_ARGUMENT", f"request body ended after {n - left} of {n} bytes")
+                left -= len(line)
+                if len(line.rstrip(b"\r\n")) > limit:
+                    self.close_connection = True  # the rest stays unread
+                    raise ServiceError(
+                        "RESOURCE_EXHAUSTED",
+                        f"a line of the stream is over the limit of {limit} bytes per message: send smaller tiles",
+                        http_status=413,
+                    )
+                spool.write(line if line.endswith(b"\n") else line + b"\n")
+        except BaseException:
+            spool.close()
+            raise
+        self._body_read = True
+        spool.seek(0)
+        return spool
 
     def _authorize(self) -> None:
         reason = self.server.gateway.tokens.check(self.headers.get("Authorization"))
@@ -229,12 +266,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self) -> None:
         gw = self.server.gateway
-        body = self._body()
-        gw.service.open_stream()
+        body = self._stream_body(self._content_length())
+        try:
+            gw.service.open_stream()
+        except BaseException:
+            body.close()
+            raise
         cancel = threading.Event()
         try:
-            lines = (line for line in body.splitlines() if line.strip())
-            requests = (_parse_line(line) for line in lines)
+            requests = (_parse_line(line) for line in body if line.strip())
             self.send_response(200)
             self.send_header("Content-Type", NDJSON)
             self.send_header("Transfer-Encoding", "chunked")
@@ -256,6 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             cancel.set()
             gw.service.close_stream()
+            body.close()
 
     def _end_stream_with(self, exc: ServiceError) -> None:
         line = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode() + b"\n"
