@@ -93,7 +93,7 @@ class NuClickEngine(PatchSegmenter):
         if tta not in TTA_VIEWS:
             raise BridgeInputError(f"test-time augmentation takes 1, 2, 4 or 8 views, not {tta}")
         self.tta = tta
-        self.precision = resolve_precision(precision, self.device, cpu_bf16_pays=getattr(model, "CPU_BF16_PAYS", True))
+        self.precision = resolve_precision(precision, self.device)
         # A copy with BatchNorm folded into the convolutions: same outputs, less work.
         self.model = prepare(fold_batchnorm(model), self.device)
         self.info = info

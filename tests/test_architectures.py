@@ -15,7 +15,7 @@ from bridge.model.architectures import ARCHITECTURES, build, from_label, parse_a
 from bridge.model.effunet import EffUNet, load_pretrained_encoder, pretrained_encoder_file
 from bridge.model.fusion import fold_batchnorm
 from bridge.model.precision import cpu_has_bf16
-from bridge.model.weights import ModelInfo, load_model, save_weights
+from bridge.model.weights import load_model, save_weights
 
 
 def _real_input(crop_pair, size: int = 128) -> torch.Tensor:
@@ -130,22 +130,24 @@ def test_folded_network_gives_the_same_output(crop_pair):
     assert (a - b).abs().max().item() < 1e-4
 
 
-def test_engine_paths_agree_on_a_real_patch(crop_pair):
-    """fp32 through the engine (folded, channels-last) equals the plain
-    network; bf16, where the CPU has it, stays within 0.05 in probability."""
-    torch.manual_seed(0)
-    net = EffUNet("lite0")
-    load_pretrained_encoder(net)
-    net.eval()
-    info = ModelInfo("t", "t", "", 1.0, arch="effunet-lite0")
+def test_shipped_network_gives_the_same_output_through_every_inference_path(crop_pair):
+    """The shipped weights, on real patches: the engine's fp32 path (BatchNorm
+    folded, channels-last) equals the plain network to 1e-4 in probability;
+    bf16, where the CPU has it, rounds activations to 8 bits of mantissa, so
+    it is held to 0.002 in mean probability and to at most 0.5% of pixels
+    landing on the other side of the threshold (measured: 0.00065 mean)."""
+    model, info = load_model()
+    assert info.arch == "effunet-lite0"
     x = _real_input(crop_pair)
     with torch.no_grad():
-        plain = torch.sigmoid(net(x))[:, 0].numpy()
-    fp32 = NuClickEngine(net, info, device="cpu", precision="fp32").predict(x.numpy())
+        plain = torch.sigmoid(model(x))[:, 0].numpy()
+    fp32 = NuClickEngine(model, info, device="cpu", precision="fp32").predict(x.numpy())
     assert np.abs(fp32 - plain).max() < 1e-4
+    assert (plain > info.threshold).sum() > 100, "a nucleus was found under the click"
     if cpu_has_bf16():
-        bf16 = NuClickEngine(net, info, device="cpu", precision="bf16").predict(x.numpy())
-        assert np.abs(bf16 - plain).max() < 0.05
+        bf16 = NuClickEngine(model, info, device="cpu", precision="bf16").predict(x.numpy())
+        assert np.abs(bf16 - plain).mean() < 0.002
+        assert ((bf16 > info.threshold) != (plain > info.threshold)).mean() < 0.005
 
 
 def test_train_refuses_an_unknown_architecture_in_one_line(cli, tmp_path, data_root):

@@ -179,11 +179,6 @@ class EffUNet(nn.Module):
     """5 channels in (RGB in [0, 1], inclusion, exclusion), one logit map out,
     same contract as :class:`bridge.model.network.NuClickNet`."""
 
-    # Inference in bf16 is no faster than fp32 on a CPU for this network (its
-    # depthwise convolutions gain nothing from bf16; see the model card), so
-    # --precision auto keeps fp32 on the CPU and loses no accuracy to rounding.
-    CPU_BF16_PAYS = False
-
     def __init__(self, variant: str = "lite0") -> None:
         super().__init__()
         if variant not in VARIANTS:

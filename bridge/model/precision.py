@@ -28,20 +28,15 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str, device: torch.device, training: bool = False, cpu_bf16_pays: bool = True) -> str:
+def resolve_precision(precision: str, device: torch.device, training: bool = False) -> str:
     """``auto`` -> fp16 on CUDA (bf16 when training, which needs no loss
-    scaling), bf16 on a CPU that has it, else fp32.
-
-    ``cpu_bf16_pays=False`` (a network whose inference is no faster in bf16 on
-    a CPU, see ``CPU_BF16_PAYS`` on the network class) keeps ``auto`` at fp32
-    on the CPU for inference: the same speed without the rounding.
-    """
+    scaling), bf16 on a CPU that has it, else fp32."""
     if precision not in PRECISIONS:
         raise BridgeInputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if training else "fp16"
-        return "bf16" if cpu_has_bf16() and (cpu_bf16_pays or training) else "fp32"
+        return "bf16" if cpu_has_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise BridgeInputError("fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
     if precision == "fp16" and training:
