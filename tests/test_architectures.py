@@ -31,13 +31,22 @@ def _real_input(crop_pair, size: int = 128) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_every_architecture_maps_five_channels_to_one_logit_map(name):
+def test_every_architecture_maps_five_channels_to_one_logit_map_and_survives_a_file(name, tmp_path):
+    """Each registered network: NuClick's contract, and a weights file that
+    loads offline into the same network, reporting its architecture."""
     spec = parse_arch(name, 0.125 if name == "nuclick" else None)
+    torch.manual_seed(0)
     model = build(spec).eval()
+    x = torch.rand(2, 5, 64, 64)
     with torch.no_grad():
-        out = model(torch.rand(2, 5, 64, 64))
+        out = model(x)
     assert out.shape == (2, 1, 64, 64)
     assert spec_of(model) == spec and from_label(spec.label) == spec
+    save_weights(tmp_path / "w.pt", model, {"name": name})
+    loaded, info = load_model(tmp_path / "w.pt")
+    assert info.arch == spec.label and type(loaded) is type(model)
+    with torch.no_grad():  # the file stores fp16: the same network up to that rounding
+        torch.testing.assert_close(loaded(x), model.half().float()(x), rtol=1e-3, atol=1e-3)
 
 
 def test_pretrained_lite0_encoder_is_the_reference_network(crop_pair):
