@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shapely import affinity
 
 from bridge.clicks import simulate_clicks
 from bridge.client import plan_tiles
 from bridge.imageio import ArrayReader
-from bridge.results import Click
+from bridge.results import Click, NucleusResult
 from bridge.service.server import NuClickServer
 from support.models import TextureModel, engine_for
 
@@ -39,6 +40,7 @@ JUNIT_JAR = Path(os.environ.get("JUNIT_JAR", "/usr/share/java/junit-platform-con
 TOKEN = "e2e-token-4711"
 MAX_TILE = 512
 SIZE = 420
+PNG_ORIGIN = (5000.0, 7000.0)
 
 
 def _missing_java() -> list[str]:
@@ -71,6 +73,23 @@ def _ring(ring) -> list[list[float]]:
     return [list(xy) for xy in ring.coords[:-1]]  # the wire's rings do not repeat the first point
 
 
+def _shifted(r: NucleusResult, scale: float, origin: tuple[float, float] = (0.0, 0.0)) -> NucleusResult:
+    """The engine's result for a tile read at downsample ``scale`` and placed at ``origin``, in level 0."""
+    if r.found:
+        r.polygon = affinity.affine_transform(r.polygon, [scale, 0, 0, scale, *origin])
+    return r
+
+
+def _expected(r: NucleusResult) -> dict:
+    return {
+        "found": r.found,
+        "reason": r.reason,
+        "exterior": _ring(r.polygon.exterior) if r.found else [],
+        "holes": [_ring(h) for h in r.polygon.interiors] if r.found else [],
+        "score": float(r.score) if r.found else 0.0,
+    }
+
+
 @pytest.fixture(scope="module")
 def case(tmp_path_factory, monuseg_pair) -> tuple[Path, Path]:
     """A real 420x420 crop as PNG, one click per nucleus (plus one off the image
@@ -80,8 +99,23 @@ def case(tmp_path_factory, monuseg_pair) -> tuple[Path, Path]:
     xy, _ = simulate_clicks(lab, jitter=3, seed=1)
     clicks = [Click(float(x), float(y), str(k), "Tumor" if k % 3 == 0 else None) for k, (x, y) in enumerate(xy)]
     clicks += [Click(-4.0, 30.0, str(len(clicks))), Click(415.0, 419.9, str(len(clicks) + 1), "Stroma")]
-    expected = engine_for(TextureModel()).segment(ArrayReader(img), clicks).results
+    engine = engine_for(TextureModel())
+    expected = engine.segment(ArrayReader(img), clicks).results
     plans = plan_tiles(clicks, SIZE, SIZE, 128, 2.0, MAX_TILE, 1000)
+    inside = [k for k, c in enumerate(clicks) if 0 <= c.x < SIZE and 0 <= c.y < SIZE]
+    # The whole crop as one PNG tile placed at (5000, 7000), with the first 12 clicks on it.
+    png_clicks = inside[:12]
+    png_expected = [
+        _shifted(r, 1.0, PNG_ORIGIN) for r in engine.segment(ArrayReader(img), [clicks[k] for k in png_clicks]).results
+    ]
+    # The crop said to have 0.125 um pixels: read at downsample 2 (2x2 area means, rounded down, as the
+    # Java test's pixel source does), segmented there, polygons scaled back by 2.
+    down = (img.reshape(SIZE // 2, 2, SIZE // 2, 2, 3).astype(np.int32).sum(axis=(1, 3)) // 4).astype(np.uint8)
+    ds2_clicks = inside[:40]
+    half = [Click(clicks[k].x / 2, clicks[k].y / 2, clicks[k].id, clicks[k].class_name) for k in ds2_clicks]
+    # The server's simplification tolerance is in level-0 pixels (0.5): 0.25 of these pixels.
+    fine = engine_for(TextureModel(), simplify_tolerance=0.25)
+    ds2_expected = [_shifted(r, 2.0) for r in fine.segment(ArrayReader(down), half).results]
     tmp = tmp_path_factory.mktemp("qupath_ext")
     png = tmp / "crop.png"
     Image.fromarray(img).save(png)
@@ -92,20 +126,14 @@ def case(tmp_path_factory, monuseg_pair) -> tuple[Path, Path]:
             {"x": p.x0, "y": p.y0, "width": p.width, "height": p.height, "members": p.members, "context": p.context}
             for p in plans
         ],
-        "expected": [
-            {
-                "found": r.found,
-                "reason": r.reason,
-                "exterior": _ring(r.polygon.exterior) if r.found else [],
-                "holes": [_ring(h) for h in r.polygon.interiors] if r.found else [],
-                "score": float(r.score) if r.found else 0.0,
-            }
-            for r in expected
-        ],
+        "expected": [_expected(r) for r in expected],
+        "pngTile": {"origin": list(PNG_ORIGIN), "clicks": png_clicks, "expected": [_expected(r) for r in png_expected]},
+        "downsample2": {"clicks": ds2_clicks, "expected": [_expected(r) for r in ds2_expected]},
     }
     path = tmp / "case.json"
     path.write_text(json.dumps(doc))
     assert sum(r.found for r in expected) > 50 and len(plans) >= 4
+    assert sum(r.found for r in png_expected) >= 10 and sum(r.found for r in ds2_expected) >= 30
     return png, path
 
 

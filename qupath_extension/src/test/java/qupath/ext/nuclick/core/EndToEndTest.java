@@ -27,7 +27,8 @@ import org.junit.jupiter.api.Test;
  * <p>
  * Skipped unless {@code NUCLICK_E2E_URL} is set.  Also reads {@code NUCLICK_E2E_TOKEN} (the server's
  * token), {@code NUCLICK_E2E_IMAGE} (an 8-bit RGB PNG) and {@code NUCLICK_E2E_CASE} (JSON: the clicks,
- * the Python planner's tiles and the expected results).
+ * the Python planner's tiles and Python's answers: for the whole image, for one PNG tile placed at an
+ * origin, and for the image read at downsample 2).
  */
 class EndToEndTest {
 
@@ -180,67 +181,66 @@ class EndToEndTest {
 
     @Test
     void aPngTileWithAnOriginComesBackInLevel0() throws Exception {
-        byte[] png = Files.readAllBytes(imagePath);
-        double ox = 5000;
-        double oy = 7000;
+        // Python's engine on the same pixels and clicks, shifted to the origin: the expected answer.
+        JsonObject c = cases.getAsJsonObject("pngTile");
+        double ox = c.getAsJsonArray("origin").get(0).getAsDouble();
+        double oy = c.getAsJsonArray("origin").get(1).getAsDouble();
+        int[] sent = ints(c.getAsJsonArray("clicks"));
         List<Protocol.WireClick> wire = new ArrayList<>();
-        List<Integer> sent = new ArrayList<>();
-        for (int k = 0; k < clicks.size() && wire.size() < 12; k++) {
-            Click c = clicks.get(k);
-            if (Coords.onImage(c.x(), c.y(), image.getWidth(), image.getHeight())) {
-                wire.add(new Protocol.WireClick(ox + c.x(), oy + c.y(), "n" + k, c.className(), false));
-                sent.add(k);
-            }
+        for (int k : sent) {
+            Click click = clicks.get(k);
+            wire.add(new Protocol.WireClick(ox + click.x(), oy + click.y(), "n" + k, click.className(), false));
         }
+        byte[] png = Files.readAllBytes(imagePath);
         String body = Protocol.segmentRequest(TileData.encoded(TileData.Encoding.PNG, png, image.getWidth(),
                 image.getHeight()), new Protocol.TilePlacement(ox, oy, 1.0, 0.25), wire, "png-1", null);
         var reply = new NuClickHttpClient(settings(url, token)).segment(body, null);
         assertEquals("png-1", reply.requestId());
         assertEquals(1.0, reply.resampleFactor());
         assertEquals("texture test", reply.model());
-        assertEquals(wire.size(), reply.results().size());
-        int found = 0;
-        for (int i = 0; i < wire.size(); i++) {
+        JsonArray expected = c.getAsJsonArray("expected");
+        assertEquals(sent.length, reply.results().size());
+        for (int i = 0; i < sent.length; i++) {
             Protocol.WireResult r = reply.results().get(i);
+            JsonObject e = expected.get(i).getAsJsonObject();
+            String what = "click " + sent[i];
             assertEquals(wire.get(i).id(), r.clickId());
             assertEquals(wire.get(i).className() == null ? "" : wire.get(i).className(), r.className());
+            assertEquals(e.get("found").getAsBoolean(), r.found(), what);
             if (r.found()) {
-                found++;
-                double[] b = r.polygon().exterior().bounds();
-                assertTrue(b[0] >= ox && b[1] >= oy && b[2] <= ox + image.getWidth() && b[3] <= oy + image.getHeight());
-                assertTrue(distance(r.polygon(), wire.get(i).x(), wire.get(i).y()) < 1.0);
+                assertSamePolygon(e, r.polygon(), what);
+                assertEquals(e.get("score").getAsDouble(), r.score(), 1e-6, what);
             }
         }
-        assertTrue(found >= wire.size() / 2, "found " + found + " of " + wire.size());
     }
 
     @Test
     void aFinerImageIsReadAtDownsampleTwoAndStillMatchesTheClicks() throws Exception {
-        // Say the PNG has 0.125 µm pixels: the model's 0.25 µm means reading it at downsample 2.
+        // Say the PNG has 0.125 µm pixels: the model's 0.25 µm means reading it at downsample 2.  Python's
+        // engine on the same 2x2-averaged pixels, polygons scaled back by 2, is the expected answer.
+        JsonObject c = cases.getAsJsonObject("downsample2");
+        int[] chosen = ints(c.getAsJsonArray("clicks"));
         List<Click> some = new ArrayList<>();
-        for (Click c : clicks) {
-            if (Coords.onImage(c.x(), c.y(), image.getWidth(), image.getHeight()) && some.size() < 40) {
-                some.add(c);
-            }
+        for (int k : chosen) {
+            some.add(clicks.get(k));
         }
         var pixels = new PngPixels();
         var outcome = new SegmentJob(new NuClickHttpClient(settings(url, token))).run(some, image.getWidth(),
                 image.getHeight(), 0.125, pixels, null, null, null);
         assertEquals(new Scale(2.0, 1.0), outcome.scale());
+        JsonArray expected = c.getAsJsonArray("expected");
         assertEquals(some.size(), outcome.results().size());
-        int found = 0;
-        for (NucleusResult r : outcome.results()) {
+        for (int i = 0; i < some.size(); i++) {
+            NucleusResult r = outcome.results().get(i);
+            JsonObject e = expected.get(i).getAsJsonObject();
+            String what = "click " + chosen[i];
+            assertEquals(e.get("found").getAsBoolean(), r.found(), what + ": " + r.reason());
             if (r.found()) {
-                found++;
-                double[] b = r.polygon().exterior().bounds();
-                assertTrue(b[0] >= 0 && b[1] >= 0 && b[2] <= image.getWidth() && b[3] <= image.getHeight());
-                // One tile pixel is 2 level-0 pixels: the outline is within a tile pixel of the click.
-                assertTrue(distance(r.polygon(), r.click().x(), r.click().y()) < 2.0, r.toString());
-                // Nuclei in level-0 pixels are ~4x the area they have at downsample 2.
-                assertTrue(r.areaPx() > 40, "area " + r.areaPx());
+                assertSamePolygon(e, r.polygon(), what);
+                assertEquals(e.get("score").getAsDouble(), r.score(), 1e-6, what);
+                assertEquals(r.polygon().area(), r.areaPx(), 1e-6, what); // level-0 px^2, not tile px^2
             }
         }
-        assertTrue(found >= some.size() / 2, "found " + found + " of " + some.size());
     }
 
     @Test
@@ -288,6 +288,15 @@ class EndToEndTest {
                 new PngPixels(), null, null, null));
         assertEquals(NuClickException.Kind.INPUT, off.kind());
         assertTrue(off.getMessage().startsWith("All 2 points are outside the image"), off.getMessage());
+    }
+
+    private static void assertSamePolygon(JsonObject expected, Polygon got, String what) {
+        assertSameRing(expected.getAsJsonArray("exterior"), got.exterior(), what);
+        JsonArray holes = expected.getAsJsonArray("holes");
+        assertEquals(holes.size(), got.holes().size(), what);
+        for (int i = 0; i < holes.size(); i++) {
+            assertSameRing(holes.get(i).getAsJsonArray(), got.holes().get(i), what);
+        }
     }
 
     private static void assertSameRing(JsonArray expected, Ring got, String what) {

@@ -147,10 +147,19 @@ class HttpClientTest {
             assertEquals(NuClickException.Kind.UNREACHABLE, e.kind());
             assertTrue(e.getMessage().contains("failed ("), e.getMessage());
             assertTrue(e.getMessage().contains("Is the URL that of nuclick-bridge's HTTP port?"), e.getMessage());
+            // no gRPC hint for another port (the scripted one is a free port, so 50051 only by chance)
+            assertEquals(socket.getLocalPort() == 50051, e.getMessage().contains("Port 50051 is"), e.getMessage());
+
+            // The same real failure, had the URL named port 50051 (gRPC's default): the hint says so.  The
+            // failure comes from the scripted port above, never from whatever listens on this machine's 50051.
+            var grpc = new NuClickSettings("http://127.0.0.1:50051", "", NuClickSettings.Output.DETECTIONS, false,
+                    10, 5);
+            NuClickException onGrpc = new NuClickHttpClient(grpc).transportError(grpc.endpoint("/v1/model"),
+                    e.getCause());
+            assertEquals(NuClickException.Kind.UNREACHABLE, onGrpc.kind());
+            assertTrue(onGrpc.getMessage().endsWith(" Port 50051 is the server's gRPC port; the extension talks to its"
+                    + " HTTP port (--http-port, default 8080)."), onGrpc.getMessage());
         }
-        var grpc = new NuClickSettings("http://127.0.0.1:50051", "", NuClickSettings.Output.DETECTIONS, false, 10, 5);
-        NuClickException e = assertThrows(NuClickException.class, () -> new NuClickHttpClient(grpc).modelInfo(null));
-        assertTrue(e.getMessage().contains("Port 50051 is the server's gRPC port"), e.getMessage());
     }
 
     @Test
