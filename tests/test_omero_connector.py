@@ -501,6 +501,17 @@ def near_origin(centres, size, n):
     return inside[:: max(1, len(inside) // n)][:n]
 
 
+def three_clicked_images(monuseg_pair, centres) -> InMemoryOmero:
+    """Images 1-3: the same real 400x400 crop, each with one ROI of two Points on nuclei."""
+    crop = np.ascontiguousarray(monuseg_pair[0][:400, :400])
+    inside = near_origin(centres, 400, 2)
+    server = InMemoryOmero()
+    for iid in (1, 2, 3):
+        server.add_image(iid, crop)
+        server.add_rois(iid, [point_roi(*inside)])
+    return server
+
+
 @pytest.fixture(scope="module")
 def segmenter():
     return WatershedSegmenter()
@@ -733,13 +744,7 @@ def test_bad_images_are_reported_and_the_run_goes_on(monuseg_pair, centres, segm
 
 
 def test_server_dropping_mid_run_leaves_no_half_written_image(monuseg_pair, centres, segmenter):
-    rgb, _ = monuseg_pair
-    crop = np.ascontiguousarray(rgb[:400, :400])
-    inside = near_origin(centres, 400, 2)
-    server = InMemoryOmero()
-    for iid in (1, 2, 3):
-        server.add_image(iid, crop)
-        server.add_rois(iid, [point_roi(*inside)])
+    server = three_clicked_images(monuseg_pair, centres)
     server.drop = {"save": 2}
     reconnects = []
 
@@ -1003,13 +1008,7 @@ class _FailsOn:
 
 
 def test_any_error_in_one_image_is_reported_and_the_run_goes_on(monuseg_pair, centres):
-    rgb, _ = monuseg_pair
-    crop = np.ascontiguousarray(rgb[:400, :400])
-    inside = near_origin(centres, 400, 2)
-    server = InMemoryOmero()
-    for iid in (1, 2, 3):
-        server.add_image(iid, crop)
-        server.add_rois(iid, [point_roi(*inside)])
+    server = three_clicked_images(monuseg_pair, centres)
     summary, reports = run(server, _FailsOn(502, MemoryError("out of memory in the model")), ids=[1, 2, 3])
     assert "error: image 2: MemoryError: out of memory in the model; nothing was written" in reports
     assert summary.images_ok == 2 and summary.images_failed == 1
