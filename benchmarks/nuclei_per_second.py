@@ -57,7 +57,7 @@ def engine_for(label: str, device: torch.device, batch_size: int, precision: str
     torch.manual_seed(0)
     spec = from_label(label)
     model = build(spec)
-    info = ModelInfo("random", "bench", "", float(spec.kwargs.get("width", 1.0)), arch=spec.label)
+    info = ModelInfo("random", "bench", "", spec.width, arch=spec.label)
     engine = NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision)
     return engine, "random weights", count_parameters(model)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bridge.datasets import load_split
+from bridge.datasets import load_split, split_names
 from bridge.engine import NuClickEngine
 from bridge.evaluate import evaluate
 from bridge.metrics import by_size
@@ -116,7 +116,7 @@ def main() -> None:
         if b.count
     )
     choices = "\n" + args.choices.read_text().strip() + "\n" if args.choices else ""
-    n_train = {name: len(load_split(DATA / name, str(meta.get("train_split", "train")))) for name in val}
+    n_train = {name: len(split_names(DATA / name, str(meta.get("train_split", "train")))) for name in val}
     text = f"""# Model card: {info.name}
 
 - **What**: click-guided nucleus segmentation in NuClick's framework (Koohbanani et al., Medical Image

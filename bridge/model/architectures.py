@@ -30,10 +30,15 @@ class ArchSpec:
         return {"name": self.name, "kwargs": dict(self.kwargs)}
 
     @property
+    def width(self) -> float:
+        """The channel width multiplier (1.0 for networks that have none)."""
+        return float(self.kwargs.get("width", 1.0))
+
+    @property
     def label(self) -> str:
         """Short human name, e.g. ``nuclick-w0.25`` or ``effunet-lite0``."""
         if self.name == "nuclick":
-            return f"nuclick-w{float(self.kwargs.get('width', 1.0)):g}"
+            return f"nuclick-w{self.width:g}"
         return self.name
 
 

@@ -56,7 +56,7 @@ def save_weights(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     blob = {
         "format": "nuclick-bridge/2",
         "arch": spec.as_dict(),
-        "width": float(spec.kwargs.get("width", 1.0)),
+        "width": spec.width,
         "state_dict": state,
         "meta": meta,
     }
@@ -112,7 +112,7 @@ def load_model(path: str | Path | None = None) -> tuple[nn.Module, ModelInfo]:
         name=str(meta.pop("name", p.stem)),
         version=str(meta.pop("version", sha[:12])),
         sha256=sha,
-        width=float(spec.kwargs.get("width", 1.0)),
+        width=spec.width,
         patch_size=int(meta.pop("patch_size", 128)),
         sigma=float(meta.pop("sigma", 2.0)),
         threshold=float(meta.pop("threshold", 0.4)),
