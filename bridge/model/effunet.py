@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge.errors import BridgeInputError
+from bridge.model.network import IN_CHANNELS, ConvBnRelu
 
-IN_CHANNELS = 5  # R, G, B in [0, 1], inclusion map, exclusion map
-GUIDANCE = 2
+GUIDANCE = IN_CHANNELS - 3  # inclusion and exclusion maps
 
 # EfficientNet-Lite stages: (repeats, kernel, stride, expand, in, out) before
 # width/depth scaling, from the reference builder (efficientnet_lite_builder.py).
@@ -113,12 +113,6 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
         return x + y if self.residual else y
-
-
-class ConvBnRelu(nn.Sequential):
-    def __init__(self, cin: int, cout: int, k: int = 3) -> None:
-        conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
-        super().__init__(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class EfficientNetLiteEncoder(nn.Module):
