@@ -240,3 +240,10 @@ def test_weight_average_follows_training_from_the_first_steps():
     assert 0.9 < float(ema.module[0].weight.detach().mean()) < 1.0
     assert int(ema.module[1].num_batches_tracked) == int(net[1].num_batches_tracked) == 100
     assert ema_decay_at(100_000, 0.999) == 0.999 and ema_decay_at(0, 0.999) == pytest.approx(0.1)
+
+
+def test_learning_rate_defaults_follow_the_architecture():
+    """One place decides the default for the CLI and the API alike."""
+    assert TrainConfig(arch="nuclick").lr == 3e-3  # as published
+    assert TrainConfig(arch="effunet-lite0").lr == 1e-3  # a pretrained encoder wants a gentler start
+    assert TrainConfig(arch="nuclick", lr=5e-4).lr == 5e-4

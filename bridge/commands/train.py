@@ -45,13 +45,12 @@ def run(args: argparse.Namespace) -> int:
             items = load_split(r, args.val_split)
             check_trainable(r, items)
             val[r.name] = items[: args.val_limit] if args.val_limit else items
-    lr = args.lr if args.lr is not None else (3e-3 if spec.name == "nuclick" else 1e-3)
     cfg = TrainConfig(
         arch=args.arch,
         width=args.width,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=lr,
+        lr=args.lr,
         sigma=args.sigma,
         jitter=args.jitter,
         samples_per_epoch=args.samples_per_epoch,

@@ -40,7 +40,7 @@ class TrainConfig:
     width: float = 0.25  # nuclick only
     epochs: int = 20
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float | None = None  # None: 3e-3 for nuclick (as published), 1e-3 for a pretrained effunet
     sigma: float = 2.0
     jitter: float = 5.0
     patch_size: int = 128
@@ -56,6 +56,10 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0: no moving average; validate and ship the raw weights
     drop_neighbour: float = 0.1  # chance that a neighbour's click is left out of the exclusion map
     pretrained: bool = True  # start an EfficientNet-Lite encoder from its ImageNet weights
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = 3e-3 if self.arch == "nuclick" else 1e-3
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
