@@ -33,12 +33,12 @@ import torch
 from google.protobuf import json_format
 from PIL import Image
 
-from bridge.clicks import simulate_clicks
 from bridge.client import NuClickClient, TileJob
-from bridge.engine import NuClickEngine
-from bridge.imageio import ArrayReader
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.io.imageio import ArrayReader
 from bridge.model.network import NuClickNet
 from bridge.model.weights import default_weights_path, save_weights
+from bridge.nuclick.engine import NuClickEngine
 from bridge.results import Click
 from bridge.service.convert import tile_to_pb
 from bridge.service.gen import nuclick_pb2 as pb

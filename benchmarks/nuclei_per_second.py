@@ -30,13 +30,13 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from bridge.clicks import simulate_clicks
-from bridge.engine import NuClickEngine
-from bridge.imageio import open_image
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.io.imageio import open_image
 from bridge.model.architectures import build, from_label
 from bridge.model.network import count_parameters
 from bridge.model.precision import PRECISIONS
 from bridge.model.weights import ModelInfo, default_weights_path, load_model, resolve_device
+from bridge.nuclick.engine import NuClickEngine
 from bridge.results import Click
 
 PUBLISHED = "nuclick-w1"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bridge.engine import NuClickEngine
+from bridge.nuclick.engine import NuClickEngine
 
 
 def best_of(fn, repeats: int) -> float:

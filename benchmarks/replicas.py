@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # support.serve: the test suite's child-process server
 
-from bridge.clicks import simulate_clicks  # noqa: E402
 from bridge.client import NuClickClient  # noqa: E402
-from bridge.imageio import ArrayReader  # noqa: E402
+from bridge.evaluation.clicks import simulate_clicks  # noqa: E402
+from bridge.io.imageio import ArrayReader  # noqa: E402
 from bridge.results import Click  # noqa: E402
 from support.serve import ServeProcess  # noqa: E402
 

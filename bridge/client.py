@@ -14,7 +14,7 @@ The small API::
 
 ``tile`` is an (H, W, 3) uint8 RGB array whose top-left corner is at level-0
 ``origin``, sampled at ``downsample``; clicks and the returned polygons are in
-level-0 coordinates (see :mod:`bridge.coords`).  Results come back as
+level-0 coordinates (see :mod:`bridge.io.coords`).  Results come back as
 :class:`bridge.results.NucleusResult`, one per click, in click order, exactly
 as from the in-process engine.
 
@@ -34,7 +34,7 @@ Errors the server reports (a bad tile, a wrong token, a limit) raise
 names the server, the status and the reason.
 
 Connectors take the segmenter from :class:`RemoteSegmenter`: the same
-``segment`` / ``segment_tiled`` interface as ``bridge.engine.NuClickEngine``.
+``segment`` / ``segment_tiled`` interface as ``bridge.nuclick.engine.NuClickEngine``.
 Token and TLS come from arguments or the environment (``NUCLICK_BRIDGE_TOKEN``,
 ``NUCLICK_BRIDGE_CA`` = path of a PEM CA bundle, which turns TLS on).
 """
@@ -56,9 +56,9 @@ import grpc
 import numpy as np
 from scipy.spatial import cKDTree
 
-from bridge.coords import patch_origin
 from bridge.errors import BridgeInputError
-from bridge.imageio import RegionReader
+from bridge.io.coords import patch_origin
+from bridge.io.imageio import RegionReader
 from bridge.results import Click, NucleusResult
 from bridge.service.convert import click_to_pb, result_from_pb, tile_to_pb
 from bridge.service.gen import nuclick_pb2 as pb
@@ -475,13 +475,13 @@ class NuClickClient:
     ):
         """Every click of an image, read tile by tile around the clicks, with
         ``concurrency`` tiles in flight (default: the client's): the same
-        :class:`bridge.segmentation.Segmentation` (results in click order;
+        :class:`bridge.nuclick.segmentation.Segmentation` (results in click order;
         ``masks`` are not sent back, so all None) as the in-process engine
         gives on the whole image, also at tile borders, whichever replica
         answers which tile."""
         from tqdm import tqdm
 
-        from bridge.segmentation import Segmentation, check_finite, outside_reasons
+        from bridge.nuclick.segmentation import Segmentation, check_finite, outside_reasons
 
         clicks = list(clicks)
         check_finite(clicks)

@@ -9,7 +9,7 @@ from shapely.geometry import Polygon
 
 @dataclass(frozen=True)
 class Click:
-    """One click in continuous level-0 image coordinates (see ``bridge.coords``)."""
+    """One click in continuous level-0 image coordinates (see ``bridge.io.coords``)."""
 
     x: float
     y: float

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from bridge.datasets import load_split, split_names
-from bridge.engine import NuClickEngine
-from bridge.evaluate import evaluate
-from bridge.metrics import by_size
+from bridge.evaluation.datasets import load_split, split_names
+from bridge.evaluation.evaluate import evaluate
+from bridge.evaluation.metrics import by_size
 from bridge.model.network import count_parameters
 from bridge.model.weights import DEFAULT_WEIGHTS_NAME, load_model
+from bridge.nuclick.engine import NuClickEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

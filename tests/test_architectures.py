@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from bridge.engine import NuClickEngine
 from bridge.errors import BridgeInputError
 from bridge.model.architectures import ARCHITECTURES, build, from_label, parse_arch, spec_of
 from bridge.model.effunet import EffUNet, load_pretrained_encoder, pretrained_encoder_file
 from bridge.model.fusion import fold_batchnorm
 from bridge.model.precision import cpu_has_bf16
 from bridge.model.weights import load_model, save_weights
+from bridge.nuclick.engine import NuClickEngine
 
 
 def _real_input(crop_pair, size: int = 128) -> torch.Tensor:

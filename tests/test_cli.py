@@ -15,7 +15,7 @@ import tifffile
 from PIL import Image
 from shapely.geometry import Point, shape
 
-from bridge.clicks import simulate_clicks
+from bridge.evaluation.clicks import simulate_clicks
 
 CLI = [sys.executable, "-m", "bridge.cli"]
 

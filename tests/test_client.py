@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from bridge.cli import main
-from bridge.clicks import simulate_clicks
 from bridge.client import NuClickClient, RemoteSegmenter, ServerError, TileJob, plan_tiles, segment
-from bridge.coords import patch_origin
 from bridge.errors import BridgeInputError
-from bridge.imageio import ArrayReader
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.io.coords import patch_origin
+from bridge.io.imageio import ArrayReader
 from bridge.model.network import NuClickNet
 from bridge.model.weights import save_weights
 from bridge.results import Click
@@ -69,7 +69,7 @@ def test_segment_with_server_writes_the_same_geojson_as_in_process(tmp_path, cro
     common = ["segment", str(tmp_path / "crop.png"), "--points", str(tmp_path / "clicks.csv")]
 
     assert main([*common, "--out", str(tmp_path / "local.geojson"), "--weights", str(weights), "--device", "cpu"]) == 0
-    from bridge.engine import NuClickEngine
+    from bridge.nuclick.engine import NuClickEngine
 
     srv = NuClickServer(NuClickEngine.load(weights, device="cpu"), port=0, http_port=None).start()
     try:

@@ -10,17 +10,17 @@ from scipy import ndimage as ndi
 from shapely.geometry import Point
 from skimage import morphology
 
-from bridge.clicks import simulate_clicks
-from bridge.coords import patch_origin
-from bridge.engine import NuClickEngine
 from bridge.errors import BridgeInputError
-from bridge.guidance import gaussian_map, guidance_pair
-from bridge.imageio import ArrayReader
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.io.coords import patch_origin
+from bridge.io.imageio import ArrayReader
 from bridge.model.fusion import fold_batchnorm
 from bridge.model.network import NuClickNet, count_parameters
 from bridge.model.weights import ModelInfo, load_model, save_weights
-from bridge.polygons import mask_to_polygon
-from bridge.postprocess import MIN_OBJECT_PX, PatchMask, clean_patch, component_at, resolve_overlaps
+from bridge.nuclick.engine import NuClickEngine
+from bridge.nuclick.guidance import gaussian_map, guidance_pair
+from bridge.nuclick.polygons import mask_to_polygon
+from bridge.nuclick.postprocess import MIN_OBJECT_PX, PatchMask, clean_patch, component_at, resolve_overlaps
 from bridge.results import Click
 
 

@@ -15,14 +15,14 @@ from shapely.geometry import Point, Polygon, shape
 from skimage.draw import ellipse
 from skimage.measure import find_contours
 
-from bridge.geojson import (
+from bridge.io.geojson import (
     atomic_write_bytes,
     atomic_write_text,
     class_color,
     results_to_feature_collection,
     write_geojson,
 )
-from bridge.points import read_points
+from bridge.io.points import read_points
 from bridge.results import Click, NucleusResult
 
 
@@ -106,7 +106,7 @@ def test_class_color_is_stable() -> None:
     assert all(len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in colours)
     assert len({tuple(c) for c in colours}) == len(names)
     # Same in a fresh interpreter (Python's own hash() is salted per process).
-    code = f"from bridge.geojson import class_color; print([class_color(n) for n in {names!r}])"
+    code = f"from bridge.io.geojson import class_color; print([class_color(n) for n in {names!r}])"
     env = dict(os.environ, PYTHONHASHSEED="random")
     other = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=Path(__file__).parents[1]

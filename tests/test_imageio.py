@@ -15,7 +15,7 @@ import tifffile.zarr
 from PIL import Image
 
 from bridge.errors import BridgeInputError
-from bridge.imageio import ArrayReader, RegionReader, TiffReader, load_rgb, open_image
+from bridge.io.imageio import ArrayReader, RegionReader, TiffReader, load_rgb, open_image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PNG = DATA / "monuseg" / "images" / "TCGA-21-5786-01Z-00-DX1.png"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridge.metrics import (
+from bridge.evaluation.metrics import (
     METRIC_KEYS,
     aggregate,
     aji,

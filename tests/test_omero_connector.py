@@ -47,8 +47,8 @@ from omero.rtypes import rdouble, rint, rlong, rstring, unwrap
 from test_omero_pixels import TileStore, make_pyramid
 
 from bridge.cli import main
-from bridge.connectors import omero_gateway
-from bridge.connectors.omero_core import (
+from bridge.connectors.omero import gateway as omero_gateway
+from bridge.connectors.omero.core import (
     NAMESPACE,
     PointRecord,
     class_stroke,
@@ -56,12 +56,12 @@ from bridge.connectors.omero_core import (
     polygon_points,
     polygon_specs,
 )
-from bridge.connectors.omero_gateway import OmeroRun, connect, image_ids
-from bridge.connectors.omero_model import build_roi, records_from_rois
+from bridge.connectors.omero.gateway import OmeroRun, connect, image_ids
+from bridge.connectors.omero.model import build_roi, records_from_rois
 from bridge.errors import BridgeInputError
-from bridge.imageio import ArrayReader
+from bridge.evaluation.watershed import WatershedSegmenter
+from bridge.io.imageio import ArrayReader
 from bridge.results import Click, NucleusResult
-from bridge.watershed import WatershedSegmenter
 from support.omero_shapes import points_to_polygon
 
 GROUP = 53  # the user's default group

@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 from shapely.geometry import Point, Polygon
 
 from bridge.cli import build_parser, main
-from bridge.connectors.omero_core import (
+from bridge.connectors.omero.core import (
     COORD_DECIMALS,
     DEFAULT_COLOR,
     OurRoi,
@@ -26,7 +26,7 @@ from bridge.connectors.omero_core import (
     polygon_specs,
     roi_description,
 )
-from bridge.geojson import class_color
+from bridge.io.geojson import class_color
 from bridge.results import NucleusResult
 from support.omero_shapes import parse_points, points_to_polygon, unpack_rgba
 
@@ -53,7 +53,7 @@ def test_polygon_points_rounds_and_drops_repeats():
 
 
 def test_polygon_points_parse_back_to_same_geometry(crop_pair):
-    from bridge.polygons import mask_to_polygon
+    from bridge.nuclick.polygons import mask_to_polygon
 
     _, lab = crop_pair
     ids = [i for i in sorted(set(lab.ravel().tolist())) if i][:10]
@@ -93,7 +93,7 @@ def _draw_omero_polygon(points: str, shape: tuple[int, int]) -> np.ndarray:
 def test_omero_points_and_polygons_land_on_the_annotated_pixels(crop_pair):
     """A Point anywhere inside a nucleus pixel (as OMERO stores it) becomes a click on that pixel, and the
     polygon string written back covers exactly the nucleus's pixels as OMERO.iviewer draws them."""
-    from bridge.polygons import mask_to_polygon
+    from bridge.nuclick.polygons import mask_to_polygon
 
     _, lab = crop_pair
     checked = 0

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bridge.connectors.omero_pixels import OmeroPixelsReader, check_rgb8, full_resolution_level, tile_grid
+from bridge.connectors.omero.pixels import OmeroPixelsReader, check_rgb8, full_resolution_level, tile_grid
 from bridge.errors import BridgeInputError
-from bridge.imageio import ArrayReader
+from bridge.io.imageio import ArrayReader
 
 
 def make_pyramid(rgb: np.ndarray, n_levels: int) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bridge.errors import BridgeInputError
-from bridge.points import clicks_outside, read_points, validate_clicks
+from bridge.io.points import clicks_outside, read_points, validate_clicks
 from bridge.results import Click
 
 

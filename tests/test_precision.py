@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from bridge.clicks import simulate_clicks
-from bridge.engine import NuClickEngine
 from bridge.errors import BridgeInputError
-from bridge.imageio import ArrayReader
-from bridge.metrics import all_metrics
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.evaluation.metrics import all_metrics
+from bridge.io.imageio import ArrayReader
 from bridge.model.precision import cpu_has_bf16, resolve_precision
+from bridge.nuclick.engine import NuClickEngine
 from bridge.results import Click
 
 CPU = torch.device("cpu")
@@ -105,7 +105,7 @@ def test_cli_refuses_fp16_on_cpu_in_one_line(crop_pair, tmp_path, cli):
 
 
 def test_tta_views_are_symmetries_that_undo_exactly():
-    from bridge.engine import TTA_VIEWS
+    from bridge.nuclick.engine import TTA_VIEWS
 
     x = torch.rand(2, 5, 16, 16)
     outs = []
@@ -123,7 +123,7 @@ def test_tta_averages_views_of_the_real_model(crop_pair):
     clicks = [Click(float(x), float(y)) for x, y in xy]
     one = NuClickEngine.load(device="cpu", precision="fp32")
     eight = NuClickEngine.load(device="cpu", precision="fp32", tta=8)
-    from bridge.engine import TTA_VIEWS
+    from bridge.nuclick.engine import TTA_VIEWS
 
     batch = torch.rand(2, 5, 128, 128)
     per_view = [one.predict(np.ascontiguousarray(view(batch).numpy())) for view, _ in TTA_VIEWS[8]]

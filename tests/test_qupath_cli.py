@@ -14,16 +14,16 @@ import pytest
 import tifffile
 
 from bridge.cli import build_parser, main
-from bridge.clicks import simulate_clicks
 from bridge.commands.qupath import export_from, run_on
-from bridge.connectors.qupath_paquo import project_file
+from bridge.connectors.qupath.paquo import project_file
 from bridge.errors import BridgeInputError
+from bridge.evaluation.clicks import simulate_clicks
 from support.qupath_memory import MemoryEntry, MemoryProject
 
 
 def test_importing_the_command_loads_neither_paquo_nor_torch():
     code = (
-        "import sys, bridge.commands.qupath, bridge.connectors.qupath_paquo;"
+        "import sys, bridge.commands.qupath, bridge.connectors.qupath.paquo;"
         "print(sorted(m for m in ('paquo', 'torch', 'jpype') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -26,9 +26,9 @@ import pytest
 from PIL import Image
 from shapely import affinity
 
-from bridge.clicks import simulate_clicks
 from bridge.client import plan_tiles
-from bridge.imageio import ArrayReader
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.io.imageio import ArrayReader
 from bridge.results import Click, NucleusResult
 from bridge.service.server import NuClickServer
 from support.models import TextureModel, engine_for

@@ -18,8 +18,8 @@ import pytest
 import tifffile
 
 from bridge.cli import main
-from bridge.clicks import simulate_clicks
-from bridge.connectors.qupath_objects import our_detections, parse_marker, point_key
+from bridge.connectors.qupath.objects import our_detections, parse_marker, point_key
+from bridge.evaluation.clicks import simulate_clicks
 
 pytestmark = pytest.mark.qupath
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from shapely.geometry import Point, shape
 
-from bridge.clicks import simulate_clicks
-from bridge.connectors.qupath_objects import (
+from bridge.connectors.qupath.objects import (
     AREA_PX,
     AREA_UM,
     PROBABILITY,
@@ -31,10 +30,11 @@ from bridge.connectors.qupath_objects import (
     uri_to_path,
 )
 from bridge.errors import BridgeInputError
-from bridge.geojson import class_color
-from bridge.imageio import ArrayReader
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.evaluation.watershed import WatershedSegmenter
+from bridge.io.geojson import class_color
+from bridge.io.imageio import ArrayReader
 from bridge.results import Click
-from bridge.watershed import WatershedSegmenter
 from support.qupath_memory import as_stored_by_qupath
 
 TUMOR_ID = "6f1d1c47-7d0a-4c1e-9a53-0c3f5b2e8a11"

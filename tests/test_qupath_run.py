@@ -14,15 +14,15 @@ import pytest
 import tifffile
 from shapely.geometry import box, shape
 
-from bridge.clicks import simulate_clicks
-from bridge.connectors.qupath_images import OpenSlideReader, open_local_image
-from bridge.connectors.qupath_objects import AREA_UM, our_detections, parse_marker, point_key
-from bridge.connectors.qupath_run import RunOptions, export_image, plan_points, run_project
+from bridge.connectors.qupath.images import OpenSlideReader, open_local_image
+from bridge.connectors.qupath.objects import AREA_UM, our_detections, parse_marker, point_key
+from bridge.connectors.qupath.run import RunOptions, export_image, plan_points, run_project
 from bridge.errors import BridgeInputError
-from bridge.imageio import ArrayReader
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.evaluation.watershed import WatershedSegmenter
+from bridge.io.imageio import ArrayReader
+from bridge.nuclick.tiling import plan_tiles
 from bridge.results import Click
-from bridge.tiling import plan_tiles
-from bridge.watershed import WatershedSegmenter
 from support.qupath_memory import MemoryEntry, MemoryProject
 
 CLASSES = ("Tumor", "Immune cells")
@@ -186,7 +186,7 @@ def test_dry_run_plans_and_writes_nothing(slide):
 def test_plan_points_rules():
     a, b, c = Click(1.0, 1.0, "a", "Tumor"), Click(2.0, 2.0, "b", "Stroma"), Click(3.0, 3.0, "c", "Tumor")
     old = [Click(1.0, 1.0), Click(9.0, 9.0)]  # a's point, and a point deleted since
-    from bridge.connectors.qupath_objects import OurDetection, marker_for
+    from bridge.connectors.qupath.objects import OurDetection, marker_for
 
     ours = [OurDetection(f"id{k}", marker_for("r0", o), "Tumor") for k, o in enumerate(old)]
     skip = plan_points([a, b, c], ours, replace=False)

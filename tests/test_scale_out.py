@@ -28,9 +28,9 @@ import torch
 from grpc_health.v1 import health_pb2
 from PIL import Image
 
-from bridge.clicks import simulate_clicks
 from bridge.client import NuClickClient, ServerError, TileJob
 from bridge.errors import BridgeInputError
+from bridge.evaluation.clicks import simulate_clicks
 from bridge.model.network import NuClickNet
 from bridge.model.weights import save_weights
 from bridge.results import Click

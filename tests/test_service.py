@@ -25,11 +25,11 @@ from PIL import Image
 from shapely import affinity
 from shapely.geometry import Point, box
 
-from bridge.clicks import simulate_clicks
-from bridge.engine import NuClickEngine
-from bridge.imageio import ArrayReader
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.io.imageio import ArrayReader
 from bridge.model.network import NuClickNet
 from bridge.model.weights import load_model, save_weights
+from bridge.nuclick.engine import NuClickEngine
 from bridge.results import Click
 from bridge.service.convert import polygon_from_pb, tile_to_pb
 from bridge.service.core import Limits

@@ -8,14 +8,14 @@ import pytest
 import tifffile
 import torch
 
-from bridge.clicks import simulate_clicks
-from bridge.coords import patch_origin
-from bridge.engine import NuClickEngine
-from bridge.imageio import ArrayReader, open_image
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.io.coords import patch_origin
+from bridge.io.imageio import ArrayReader, open_image
 from bridge.model.network import NuClickNet
 from bridge.model.weights import ModelInfo
+from bridge.nuclick.engine import NuClickEngine
+from bridge.nuclick.tiling import TileReader, guidance_reach, plan_tiles
 from bridge.results import Click
-from bridge.tiling import TileReader, guidance_reach, plan_tiles
 
 
 def write_pyramid(path, image: np.ndarray) -> None:

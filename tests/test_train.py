@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from scipy import ndimage as ndi
 
-from bridge.datasets import load_split
+from bridge.evaluation.datasets import load_split
 from bridge.model.network import NuClickNet
 from bridge.model.weights import load_model
-from bridge.postprocess import MIN_OBJECT_PX
+from bridge.nuclick.postprocess import MIN_OBJECT_PX
 from bridge.train.data import NEIGHBOUR_WEIGHT, NucleusPatches, sample_index
 from bridge.train.loop import TrainConfig, train
 from bridge.train.loss import nuclick_loss
@@ -169,7 +169,7 @@ def test_an_interrupted_epoch_resumes_at_its_last_checkpoint(tiny_set, tmp_path,
 
 def test_one_empty_tile_among_labelled_ones_is_fine(tiny_set, tmp_path):
     """Background-only tiles are real (CoNSeP has them): they are named, not refused."""
-    from bridge.datasets import check_trainable
+    from bridge.evaluation.datasets import check_trainable
 
     root = tmp_path / "data"
     shutil.copytree(tiny_set, root)

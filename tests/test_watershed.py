@@ -11,14 +11,14 @@ import pytest
 from shapely.geometry import Point, Polygon
 from skimage.draw import disk
 
-from bridge.clicks import simulate_clicks
-from bridge.coords import pixel_of
-from bridge.datasets import load_pairs
 from bridge.errors import BridgeInputError
-from bridge.imageio import ArrayReader
-from bridge.metrics import aji
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.evaluation.datasets import load_pairs
+from bridge.evaluation.metrics import aji
+from bridge.evaluation.watershed import WatershedSegmenter
+from bridge.io.coords import pixel_of
+from bridge.io.imageio import ArrayReader
 from bridge.results import Click
-from bridge.watershed import WatershedSegmenter
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MONUSEG = DATA / "monuseg"

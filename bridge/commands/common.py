@@ -67,10 +67,10 @@ def make_segmenter(args: argparse.Namespace):
 
         return RemoteSegmenter.from_args(args)
     if args.method == "watershed":
-        from bridge.watershed import WatershedSegmenter
+        from bridge.evaluation.watershed import WatershedSegmenter
 
         return WatershedSegmenter(simplify_tolerance=tolerance)
-    from bridge.engine import NuClickEngine
+    from bridge.nuclick.engine import NuClickEngine
 
     if args.batch_size < 1:
         raise BridgeInputError("--batch-size must be at least 1")

@@ -12,10 +12,10 @@ import numpy as np
 from PIL import Image
 
 from bridge.commands.common import make_segmenter
-from bridge.datasets import load_pairs, split_names
 from bridge.errors import BridgeInputError
-from bridge.evaluate import evaluate
-from bridge.geojson import atomic_write_bytes
+from bridge.evaluation.datasets import load_pairs, split_names
+from bridge.evaluation.evaluate import evaluate
+from bridge.io.geojson import atomic_write_bytes
 
 
 def write_label_png(path: Path, labels: np.ndarray) -> None:

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     check_server_options(args)  # a bad --server is one line before anything logs in
     password, session_key = _secret(args)
     try:
-        from bridge.connectors import omero_gateway
+        from bridge.connectors.omero import gateway as omero_gateway
     except ImportError as exc:
         raise BridgeInputError(f"the omero command needs omero-py ({exc}); {INSTALL_HINT}") from exc
 

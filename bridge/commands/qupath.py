@@ -64,7 +64,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bridge.connectors.qupath_paquo import open_project, project_file
+    from bridge.connectors.qupath.paquo import open_project, project_file
 
     project_file(args.project)  # a clear error before paquo starts Java
     _check_args(args)
@@ -82,8 +82,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run_on(project, args: argparse.Namespace) -> int:
     """The ``qupath`` command on an opened project (paquo's, or any
-    :class:`~bridge.connectors.qupath_run.QuPathProjectLike`)."""
-    from bridge.connectors.qupath_run import RunOptions, run_project
+    :class:`~bridge.connectors.qupath.run.QuPathProjectLike`)."""
+    from bridge.connectors.qupath.run import RunOptions, run_project
     from bridge.errors import BridgeInputError
 
     _check_args(args)
@@ -110,8 +110,8 @@ def run_on(project, args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from bridge.connectors.qupath_paquo import open_project, project_file
-    from bridge.geojson import check_writable
+    from bridge.connectors.qupath.paquo import open_project, project_file
+    from bridge.io.geojson import check_writable
 
     project_file(args.project)
     check_writable(args.out)
@@ -120,8 +120,8 @@ def export(args: argparse.Namespace) -> int:
 
 def export_from(project, args: argparse.Namespace) -> int:
     """The ``qupath-export`` command on an opened project."""
-    from bridge.connectors.qupath_run import export_image
-    from bridge.geojson import atomic_write_text
+    from bridge.connectors.qupath.run import export_image
+    from bridge.io.geojson import atomic_write_text
 
     collection = export_image(project, args.image, args.run)
     n = len(collection["features"])

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from bridge.commands.common import make_segmenter
 from bridge.errors import BridgeInputError
-from bridge.geojson import check_writable, write_geojson
-from bridge.imageio import open_image
-from bridge.points import read_points, validate_clicks
+from bridge.io.geojson import check_writable, write_geojson
+from bridge.io.imageio import open_image
+from bridge.io.points import read_points, validate_clicks
 
 
 def run(args: argparse.Namespace) -> int:

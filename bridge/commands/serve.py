@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_server(args: argparse.Namespace):
     """Load the engine and configure the server (not started)."""
-    from bridge.engine import NuClickEngine
     from bridge.errors import BridgeInputError
+    from bridge.nuclick.engine import NuClickEngine
     from bridge.service.auth import read_tls, read_token_file
     from bridge.service.core import Limits
     from bridge.service.server import NuClickServer

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bridge.datasets import check_trainable, load_split
 from bridge.errors import BridgeInputError
+from bridge.evaluation.datasets import check_trainable, load_split
 
 
 def _git_commit() -> str:

@@ -8,9 +8,9 @@ tested with real files and no server:
 * a thin layer over the client library (paquo for QuPath, omero-py for OMERO) that only reads and
   writes objects.
 
-QuPath: :mod:`bridge.connectors.qupath_objects` (points, markers, detections),
-:mod:`bridge.connectors.qupath_run` (planning, segmentation, safe writes),
-:mod:`bridge.connectors.qupath_images` (local pixels),
-:mod:`bridge.connectors.qupath_paquo` (paquo); the tests stand in for the paquo layer
+QuPath: :mod:`bridge.connectors.qupath.objects` (points, markers, detections),
+:mod:`bridge.connectors.qupath.run` (planning, segmentation, safe writes),
+:mod:`bridge.connectors.qupath.images` (local pixels),
+:mod:`bridge.connectors.qupath.paquo` (paquo); the tests stand in for the paquo layer
 with an in-memory double (``tests/support/qupath_memory.py``).
 """

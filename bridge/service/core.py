@@ -22,11 +22,11 @@ from scipy.spatial import cKDTree
 from shapely import affinity
 
 from bridge import __version__
-from bridge.coords import level0_affine, to_local
 from bridge.errors import BridgeInputError
-from bridge.imageio import ArrayReader
+from bridge.io.coords import level0_affine, to_local
+from bridge.io.imageio import ArrayReader
+from bridge.nuclick.segmentation import outside_reasons
 from bridge.results import Click
-from bridge.segmentation import outside_reasons
 from bridge.service.batching import Batcher, Cancelled, ShuttingDown
 from bridge.service.convert import ServiceError, decode_tile, invalid, result_to_pb, too_big
 from bridge.service.gen import nuclick_pb2 as pb
@@ -102,7 +102,7 @@ class _BatchedView:
 class SegmentService:
     """Segment requests for any number of threads, over one engine.
 
-    ``engine`` is a :class:`bridge.engine.NuClickEngine` (or anything with its
+    ``engine`` is a :class:`bridge.nuclick.engine.NuClickEngine` (or anything with its
     ``segment``, ``predict``, ``info`` and ``device``): the forward pass is
     shared through a :class:`Batcher`; everything else runs in the calling
     thread.  ``threads`` > 0 sets torch's CPU threads for the forward pass.
@@ -498,7 +498,7 @@ def _segment(view, prep: _Prepared):
 def _resample(array: np.ndarray, width: int, height: int) -> np.ndarray:
     """(height, width, 3) uint8 resampling of a tile: area-averaged when
     shrinking, bilinear when enlarging (Pillow's resize samples pixel
-    centres, matching the continuous convention of bridge.coords)."""
+    centres, matching the continuous convention of bridge.io.coords)."""
     from PIL import Image
 
     return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None))

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bridge.clicks import click_in_mask, instance_slices
-from bridge.datasets import LabelledImage
-from bridge.guidance import gaussian_map
-from bridge.postprocess import MIN_OBJECT_PX
-from bridge.segmentation import valid_window
+from bridge.evaluation.clicks import click_in_mask, instance_slices
+from bridge.evaluation.datasets import LabelledImage
+from bridge.nuclick.guidance import gaussian_map
+from bridge.nuclick.postprocess import MIN_OBJECT_PX
+from bridge.nuclick.segmentation import valid_window
 from bridge.train.augment import colour, crop_padded, geometric, resize_to
 
 NEIGHBOUR_WEIGHT = 10.0

@@ -20,14 +20,14 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from bridge.datasets import LabelledImage
-from bridge.engine import NuClickEngine
 from bridge.errors import BridgeInputError
-from bridge.evaluate import evaluate
+from bridge.evaluation.datasets import LabelledImage
+from bridge.evaluation.evaluate import evaluate
 from bridge.model.architectures import build, parse_arch
 from bridge.model.effunet import EffUNet, load_pretrained_encoder
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, save_weights
+from bridge.nuclick.engine import NuClickEngine
 from bridge.train.data import NucleusPatches
 from bridge.train.loss import nuclick_loss
 

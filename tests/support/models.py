@@ -14,8 +14,8 @@ import time
 import numpy as np
 import torch
 
-from bridge.engine import NuClickEngine
 from bridge.model.weights import ModelInfo
+from bridge.nuclick.engine import NuClickEngine
 
 
 class Gate:

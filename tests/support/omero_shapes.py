@@ -11,7 +11,7 @@ import re
 
 from shapely.geometry import Polygon
 
-from bridge.coords import omero_to_level0
+from bridge.io.coords import omero_to_level0
 
 _LEGACY_POINTS_RE = re.compile(r"points\[([^\]]*)\]")
 

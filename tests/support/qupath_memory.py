@@ -1,6 +1,6 @@
-"""An in-memory QuPath project: the test double of :mod:`bridge.connectors.qupath_paquo`.
+"""An in-memory QuPath project: the test double of :mod:`bridge.connectors.qupath.paquo`.
 
-It implements the same small interface (:class:`~bridge.connectors.qupath_run.QuPathEntry`)
+It implements the same small interface (:class:`~bridge.connectors.qupath.run.QuPathEntry`)
 over plain GeoJSON dicts, standing in for exactly these paquo calls:
 
 ==========================  ====================================================

@@ -7,7 +7,7 @@ import java.util.random.RandomGenerator;
 
 /**
  * The names of the objects we create: {@code nuclick-bridge <run id> @<x>,<y>}, the click's
- * coordinates to 1/1000 px, exactly as the paquo connector ({@code bridge.connectors.qupath_objects})
+ * coordinates to 1/1000 px, exactly as the paquo connector ({@code bridge.connectors.qupath.objects})
  * writes them, so that {@code nuclick-bridge qupath} recognises nuclei made here and the script that
  * removes our objects removes these too.
  */

@@ -1,4 +1,4 @@
-"""The thin paquo layer: a QuPath project as :mod:`bridge.connectors.qupath_run` needs it.
+"""The thin paquo layer: a QuPath project as :mod:`bridge.connectors.qupath.run` needs it.
 
 Only these functions touch paquo (and, through it, QuPath's Java code); the
 rest of the connector is plain Python tested without QuPath, with
@@ -23,7 +23,7 @@ ever saves: the project is not used as a context manager (paquo's
 error leaves the image unsaved, that is untouched on disk.  paquo starts the
 JVM with JPype's default, which lets Java kill the process on Ctrl-C; we give
 SIGINT back to Python after start-up so that the core can hold it during a
-save (see :func:`bridge.connectors.qupath_run.hold_interrupts`).
+save (see :func:`bridge.connectors.qupath.run.hold_interrupts`).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _load_paquo() -> tuple[Any, Any]:
 
 
 class PaquoEntry:
-    """One image entry (see :class:`bridge.connectors.qupath_run.QuPathEntry`)."""
+    """One image entry (see :class:`bridge.connectors.qupath.run.QuPathEntry`)."""
 
     def __init__(self, entry: Any, gson_tools: Any) -> None:
         self._entry = entry
@@ -145,7 +145,7 @@ class PaquoEntry:
 
 
 class PaquoProject:
-    """An opened project (see :class:`bridge.connectors.qupath_run.QuPathProjectLike`)."""
+    """An opened project (see :class:`bridge.connectors.qupath.run.QuPathProjectLike`)."""
 
     def __init__(self, project: Any, gson_tools: Any, path: Path) -> None:
         self._project = project

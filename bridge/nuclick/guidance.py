@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bridge.coords import pixel_centres
+from bridge.io.coords import pixel_centres
 
 DEFAULT_SIGMA = 2.0
 

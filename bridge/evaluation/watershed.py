@@ -1,7 +1,7 @@
 """The NuClick paper's weight-free baseline: marker-controlled watershed.
 
 For each click, the same ``patch_size`` x ``patch_size`` patch as the NuClick
-engine is read around it (``bridge.coords.patch_origin``; only pixels around
+engine is read around it (``bridge.io.coords.patch_origin``; only pixels around
 clicks are ever read), and ``skimage.segmentation.watershed`` is run on the
 Sobel gradient magnitude of the Gaussian-smoothed haematoxylin density
 (``skimage.color.rgb2hed``; ``channel="grey"`` uses darkness instead).  Padding
@@ -51,10 +51,10 @@ from skimage.segmentation import watershed
 from tqdm import tqdm
 
 from bridge.errors import BridgeInputError
-from bridge.imageio import RegionReader
-from bridge.postprocess import MIN_OBJECT_PX, PatchMask, clean_patch
+from bridge.io.imageio import RegionReader
+from bridge.nuclick.postprocess import MIN_OBJECT_PX, PatchMask, clean_patch
+from bridge.nuclick.segmentation import PatchSegmenter
 from bridge.results import Click
-from bridge.segmentation import PatchSegmenter
 
 CHANNELS = ("hematoxylin", "grey")
 

@@ -1,6 +1,6 @@
 """The OMERO connector's logic, free of omero-py (importable and testable anywhere).
 
-What lives here: the plain records the omero-py layer (``omero_gateway``)
+What lives here: the plain records the omero-py layer (``gateway``)
 turns OMERO objects into (:class:`PointRecord`, :class:`OurRoi`), the per-image
 plan (which points to segment on which Z/T plane, which are already done,
 which of our earlier ROIs ``--replace`` deletes), the polygon ``points``
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 from shapely.geometry import MultiPolygon, Polygon
 
-from bridge.coords import level0_to_omero, omero_to_level0
-from bridge.geojson import class_color
+from bridge.io.coords import level0_to_omero, omero_to_level0
+from bridge.io.geojson import class_color
 from bridge.results import Click, NucleusResult
 
 NAMESPACE = "nuclick-bridge/nucleus"
@@ -188,7 +188,7 @@ def pack_rgba(r: int, g: int, b: int, a: int = 255) -> int:
 
 
 def class_stroke(class_name: str | None) -> int:
-    """Stroke colour of a class: the same colour QuPath output uses (``bridge.geojson``)."""
+    """Stroke colour of a class: the same colour QuPath output uses (``bridge.io.geojson``)."""
     rgb = class_color(class_name) if class_name else DEFAULT_COLOR
     return pack_rgba(*rgb, STROKE_ALPHA)
 

@@ -4,7 +4,7 @@ Why this shape: QuPath (>= 0.4) imports a FeatureCollection whose features
 carry ``objectType`` ("detection" or "annotation"), an optional
 ``classification`` ``{"name", "color": [r, g, b]}`` and ``measurements`` as a
 name -> number object; coordinates are level-0 pixels, the same frame as the
-clicks (see :mod:`bridge.coords`), so the polygons land on the nuclei as-is.
+clicks (see :mod:`bridge.io.coords`), so the polygons land on the nuclei as-is.
 Not-found clicks are not features; the caller reports them separately.
 """
 

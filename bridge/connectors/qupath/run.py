@@ -4,7 +4,7 @@ Why this shape: paquo drives QuPath's Java code, which CI cannot run.  So the
 whole job (choosing images and points, reading pixels, segmenting, building
 detections, deciding what to skip or replace, reporting) lives here and talks
 to the project only through the small :class:`QuPathProjectLike` /
-:class:`QuPathEntry` interface.  :mod:`bridge.connectors.qupath_paquo`
+:class:`QuPathEntry` interface.  :mod:`bridge.connectors.qupath.paquo`
 implements it with paquo; ``tests/support/qupath_memory.py`` implements it
 in memory for the tests.
 
@@ -13,7 +13,7 @@ The run, per project:
 1. **Plan** every selected image: read its objects, extract the clicks (every
    point of every point annotation, in the annotation's class, ``--class``
    filter), match them against our earlier detections (by the marker in the
-   name, see :mod:`bridge.connectors.qupath_objects`), resolve the image URI to
+   name, see :mod:`bridge.connectors.qupath.objects`), resolve the image URI to
    a local file and open it (missing, unreadable, non-RGB and unsupported files
    fail here, for that image only).  ``--dry-run`` stops after this step.
 2. **Segment and write**, image by image: read level-0 tiles around groups of
@@ -47,8 +47,8 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from bridge.connectors.qupath_images import open_local_image
-from bridge.connectors.qupath_objects import (
+from bridge.connectors.qupath.images import open_local_image
+from bridge.connectors.qupath.objects import (
     Calibration,
     OurDetection,
     calibration_from_metadata,
@@ -63,9 +63,9 @@ from bridge.connectors.qupath_objects import (
     uri_to_path,
 )
 from bridge.errors import BridgeInputError
-from bridge.imageio import RegionReader
+from bridge.io.imageio import RegionReader
+from bridge.nuclick.tiling import DEFAULT_MAX_TILE, plan_tiles
 from bridge.results import Click, NucleusResult
-from bridge.tiling import DEFAULT_MAX_TILE, plan_tiles
 
 Log = Callable[[str], None]
 
@@ -498,7 +498,7 @@ def run_project(
 
 def export_image(project: QuPathProjectLike, image: str, run_id: str | None = None) -> dict[str, Any]:
     """Our detections of one image as a ``segment``-style FeatureCollection
-    (:func:`~bridge.connectors.qupath_objects.export_collection`); an error if
+    (:func:`~bridge.connectors.qupath.objects.export_collection`); an error if
     there are none, or if several images have that name."""
     entries = select_entries(project, [image])
     if len(entries) > 1:

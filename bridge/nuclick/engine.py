@@ -17,16 +17,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bridge.coords import to_local
 from bridge.errors import BridgeInputError
-from bridge.guidance import guidance_pair
-from bridge.imageio import RegionReader
+from bridge.io.coords import to_local
+from bridge.io.imageio import RegionReader
 from bridge.model.fusion import fold_batchnorm
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, resolve_device
-from bridge.postprocess import MIN_OBJECT_PX, PatchMask, clean_patch
+from bridge.nuclick.guidance import guidance_pair
+from bridge.nuclick.postprocess import MIN_OBJECT_PX, PatchMask, clean_patch
+from bridge.nuclick.segmentation import ClickPatch, PatchSegmenter
 from bridge.results import Click
-from bridge.segmentation import ClickPatch, PatchSegmenter
 
 # Test-time augmentation: the square's eight symmetries as (flipped dims,
 # then transposed?); the guidance maps turn with the image, so every view is a

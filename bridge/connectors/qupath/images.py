@@ -1,6 +1,6 @@
 """Local pixels for a QuPath image entry.
 
-TIFF, OME-TIFF, SVS (and PNG/JPEG) go through :func:`bridge.imageio.open_image`
+TIFF, OME-TIFF, SVS (and PNG/JPEG) go through :func:`bridge.io.imageio.open_image`
 (tifffile, only the tiles around the clicks are decoded).  Other whole-slide
 formats (Hamamatsu, MIRAX, Leica, Ventana, ...) are read with OpenSlide when it
 is installed (``pip install openslide-python openslide-bin``); it is optional.
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bridge.errors import BridgeInputError
-from bridge.imageio import SUPPORTED_SUFFIXES, RegionReader, WindowedReader, open_image
+from bridge.io.imageio import SUPPORTED_SUFFIXES, RegionReader, WindowedReader, open_image
 
 OPENSLIDE_SUFFIXES = (".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".czi", ".dcm", ".tiff.dcm")
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bridge.clicks import simulate_clicks
-from bridge.datasets import LabelledImage
 from bridge.errors import BridgeInputError
-from bridge.imageio import ArrayReader
-from bridge.metrics import aggregate, all_metrics
-from bridge.points import read_points
+from bridge.evaluation.clicks import simulate_clicks
+from bridge.evaluation.datasets import LabelledImage
+from bridge.evaluation.metrics import aggregate, all_metrics
+from bridge.io.imageio import ArrayReader
+from bridge.io.points import read_points
+from bridge.nuclick.segmentation import Segmentation
 from bridge.results import Click
-from bridge.segmentation import Segmentation
 
 Segmenter = Callable[[ArrayReader, list[Click]], Segmentation]
 

@@ -13,7 +13,7 @@ QuPath GeoJSON (>= 0.4), as QuPath writes and reads it::
                     "metadata": {"key": "string value", ...}}}
 
 Coordinates are level-0 pixels in QuPath's continuous convention (see
-:mod:`bridge.coords`), so points and polygons go through unchanged.
+:mod:`bridge.io.coords`), so points and polygons go through unchanged.
 
 **The marker.**  Every detection we write is named
 ``nuclick-bridge <run id> @<x>,<y>``, the click's coordinates with three
@@ -40,8 +40,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from bridge.errors import BridgeInputError
-from bridge.geojson import result_to_feature
-from bridge.points import class_name_of
+from bridge.io.geojson import result_to_feature
+from bridge.io.points import class_name_of
 from bridge.results import Click, NucleusResult
 
 MARKER_PREFIX = "nuclick-bridge"

@@ -2,7 +2,7 @@
 
 Why tiles: a whole-slide image in OMERO is a pyramid of tens of gigapixels;
 NuClick only looks at a window around each click.  :class:`OmeroPixelsReader`
-is a :class:`~bridge.imageio.RegionReader` over a RawPixelsStore: a window is
+is a :class:`~bridge.io.imageio.RegionReader` over a RawPixelsStore: a window is
 assembled from the server's own tiles (``getTileSize``), the three channels of
 an RGB image fetched separately (OMERO stores them as channels 0, 1, 2) and
 stacked, and recently used tiles are kept in a small cache so neighbouring
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from bridge.errors import BridgeInputError
-from bridge.imageio import WindowedReader
+from bridge.io.imageio import WindowedReader
 
 RGB_CHANNELS = (0, 1, 2)
 MAX_TILE_SIDE = 2048  # a server announcing bigger "tiles" (untiled formats) is asked for this much at most

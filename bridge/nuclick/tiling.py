@@ -19,8 +19,8 @@ import numpy as np
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from bridge.coords import patch_origin
-from bridge.imageio import RegionReader, WindowedReader
+from bridge.io.coords import patch_origin
+from bridge.io.imageio import RegionReader, WindowedReader
 from bridge.results import Click
 
 DEFAULT_MAX_TILE = 2048

@@ -78,7 +78,7 @@ def check_trainable(root: Path, items: list[LabelledImage]) -> list[str]:
 
 def load_pairs(image_dir: Path, label_dir: Path, names: list[str] | None = None) -> list[LabelledImage]:
     """Load image/label pairs with the same file names."""
-    from bridge.imageio import load_rgb
+    from bridge.io.imageio import load_rgb
 
     if not image_dir.is_dir():
         raise BridgeInputError(f"image folder not found: {image_dir}")

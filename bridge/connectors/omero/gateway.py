@@ -14,7 +14,7 @@ The only gateway calls the connector makes (the test double in
 * ``conn.createRawPixelsStore()`` and, on it, ``setPixelsId``,
   ``getResolutionLevels``, ``setResolutionLevel``,
   ``getResolutionDescriptions``, ``getTileSize``, ``getTile``, ``close``
-  (see :mod:`bridge.connectors.omero_pixels`).  BlitzGateway hands out one
+  (see :mod:`bridge.connectors.omero.pixels`).  BlitzGateway hands out one
   shared store per connection, so one plane is read at a time, and each
   reader sets its pixels id again before reading;
 * ``conn.getUpdateService().saveAndReturnArray(rois, ctx)``: one call per image;
@@ -44,9 +44,9 @@ import omero.callbacks
 import omero.cmd
 from tqdm import tqdm
 
-from bridge.connectors.omero_core import ImagePlan, PolygonSpec, RunSummary, new_run_id, plan_image, polygon_specs
-from bridge.connectors.omero_model import build_roi, records_from_rois
-from bridge.connectors.omero_pixels import OmeroPixelsReader, check_rgb8
+from bridge.connectors.omero.core import ImagePlan, PolygonSpec, RunSummary, new_run_id, plan_image, polygon_specs
+from bridge.connectors.omero.model import build_roi, records_from_rois
+from bridge.connectors.omero.pixels import OmeroPixelsReader, check_rgb8
 from bridge.errors import BridgeInputError
 
 log = logging.getLogger(__name__)
@@ -418,7 +418,7 @@ class OmeroRun:
         its nucleus: a failed save leaves the image as it was; a failed or
         timed-out delete leaves old and new ROIs side by side, each marked
         with its run, and the next run deletes the older ones
-        (:func:`~bridge.connectors.omero_core.leftover_rois`).
+        (:func:`~bridge.connectors.omero.core.leftover_rois`).
         """
         label = f"image {info.id} {info.name!r}"
         old = plan.to_delete

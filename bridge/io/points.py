@@ -4,7 +4,7 @@ Why so strict: a click file is hand-made or exported from QuPath, and a
 silently skipped row means a silently missing nucleus.  Every problem is a
 :class:`~bridge.errors.BridgeInputError` naming the file and the row or
 feature, so the user can fix it.  Coordinates are continuous level-0 pixels
-(see :mod:`bridge.coords`), exactly as QuPath exports them.
+(see :mod:`bridge.io.coords`), exactly as QuPath exports them.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """omero.model objects <-> the connector's plain records (needs omero-py).
 
 Reading: every Point shape of an image's ROIs becomes a
-:class:`~bridge.connectors.omero_core.PointRecord` (theZ/theT kept, textValue
+:class:`~bridge.connectors.omero.core.PointRecord` (theZ/theT kept, textValue
 as the class); ROIs whose description carries our marker become
-:class:`~bridge.connectors.omero_core.OurRoi`.  Writing: one
-:class:`~bridge.connectors.omero_core.PolygonSpec` becomes one ``RoiI``
+:class:`~bridge.connectors.omero.core.OurRoi`.  Writing: one
+:class:`~bridge.connectors.omero.core.PolygonSpec` becomes one ``RoiI``
 holding one ``PolygonI``, with a ``MapAnnotationI`` in our namespace linked to
 it, ready for ``saveAndReturnArray``.
 """
@@ -17,7 +17,7 @@ from omero.model import ImageI, LengthI, MapAnnotationI, NamedValue, PointI, Pol
 from omero.model.enums import UnitsLength
 from omero.rtypes import rint, rstring, unwrap
 
-from bridge.connectors.omero_core import (
+from bridge.connectors.omero.core import (
     NAMESPACE,
     STROKE_WIDTH,
     OurRoi,

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from bridge.coords import patch_origin, pixel_of
 from bridge.errors import BridgeInputError
-from bridge.imageio import RegionReader
-from bridge.polygons import mask_to_polygon
-from bridge.postprocess import MIN_OBJECT_PX, PatchMask, resolve_overlaps
+from bridge.io.coords import patch_origin, pixel_of
+from bridge.io.imageio import RegionReader
+from bridge.nuclick.polygons import mask_to_polygon
+from bridge.nuclick.postprocess import MIN_OBJECT_PX, PatchMask, resolve_overlaps
+from bridge.nuclick.tiling import DEFAULT_MAX_TILE, guidance_reach, iter_tiles, plan_tiles
 from bridge.results import Click, NucleusResult
-from bridge.tiling import DEFAULT_MAX_TILE, guidance_reach, iter_tiles, plan_tiles
 
 
 @dataclass
@@ -174,7 +174,7 @@ class PatchSegmenter:
         progress: bool = False,
     ) -> Segmentation:
         """Same answer as :meth:`segment`, but the pixels are read once per tile
-        of nearby clicks (see ``bridge.tiling``), for whole-slide images."""
+        of nearby clicks (see ``bridge.nuclick.tiling``), for whole-slide images."""
         clicks = list(clicks)
         check_finite(clicks)
         reasons = outside_reasons(clicks, reader.width, reader.height)

@@ -1,0 +1,4 @@
+"""OMERO connector: a torch-free core over plain shapes (:mod:`.core`), the
+omero.model conversions (:mod:`.model`), pixels around clicks
+(:mod:`.pixels`) and the thin BlitzGateway layer (:mod:`.gateway`).
+"""
