@@ -5,6 +5,7 @@ import javafx.scene.control.SeparatorMenuItem;
 import javafx.scene.input.KeyCode;
 import javafx.scene.input.KeyCodeCombination;
 import javafx.scene.input.KeyCombination;
+import qupath.ext.nuclick.core.Help;
 import qupath.lib.common.Version;
 import qupath.lib.gui.QuPathGUI;
 import qupath.lib.gui.extensions.QuPathExtension;
@@ -13,7 +14,7 @@ import qupath.lib.gui.extensions.QuPathExtension;
  * Extensions &gt; NuClick: click once inside each nucleus, get one polygon per click from a
  * {@code nuclick-bridge serve} server.  The menu and nothing else; the work is in
  * {@link SegmentPointsCommand}, {@link CheckServerCommand} and {@link NuClickPrefs}, over the plain-Java
- * core in {@code qupath.ext.nuclick.core}.
+ * core in {@code qupath.ext.nuclick.core}.  Help opens the README's section on the extension.
  */
 public class NuClickExtension implements QuPathExtension {
 
@@ -39,7 +40,10 @@ public class NuClickExtension implements QuPathExtension {
         var check = new MenuItem("Check server");
         check.setOnAction(e -> CheckServerCommand.run());
 
-        menu.getItems().addAll(segment, new SeparatorMenuItem(), settings, check);
+        var help = new MenuItem("Help (opens the web page)");
+        help.setOnAction(e -> QuPathGUI.openInBrowser(Help.README_SECTION));
+
+        menu.getItems().addAll(segment, new SeparatorMenuItem(), settings, check, new SeparatorMenuItem(), help);
     }
 
     @Override

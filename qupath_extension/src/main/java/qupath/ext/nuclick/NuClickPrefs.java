@@ -37,6 +37,18 @@ final class NuClickPrefs {
             DEFAULTS.maxClicksPerRequest());
     private static final IntegerProperty TIMEOUT = PathPrefs.createPersistentPreference("nuclick.timeoutSeconds",
             DEFAULTS.timeoutSeconds());
+    /** Whether the user has ever saved the settings or accepted the default server (first-run message). */
+    private static final BooleanProperty SERVER_SET_UP = PathPrefs.createPersistentPreference("nuclick.serverSetUp",
+            false);
+
+    /** False until the user saves the settings or accepts the default server; set-ups older than this key count. */
+    static boolean isServerSetUp() {
+        return SERVER_SET_UP.get() || !DEFAULTS.serverUrl().equals(URL.get()) || !TOKEN.get().isEmpty();
+    }
+
+    static void markServerSetUp() {
+        SERVER_SET_UP.set(true);
+    }
 
     /** The current settings, not yet validated. */
     static NuClickSettings current() {
@@ -45,8 +57,8 @@ final class NuClickPrefs {
                 REMOVE_POINTS.get(), MAX_CLICKS.get(), TIMEOUT.get());
     }
 
-    /** Show the settings dialog (on the FX thread); saves only valid settings. */
-    static void showDialog() {
+    /** Show the settings dialog (on the FX thread); saves only valid settings.  True when saved. */
+    static boolean showDialog() {
         NuClickSettings now = current();
         var url = new TextField(now.serverUrl());
         url.setPrefColumnCount(28);
@@ -81,7 +93,7 @@ final class NuClickPrefs {
         grid.add(help, 0, row + 1, 2, 1);
 
         if (!Dialogs.showConfirmDialog("NuClick settings", grid)) {
-            return;
+            return false;
         }
         var edited = new NuClickSettings(url.getText(), token.getText(),
                 "Annotations".equals(output.getValue()) ? NuClickSettings.Output.ANNOTATIONS
@@ -95,8 +107,11 @@ final class NuClickPrefs {
             REMOVE_POINTS.set(valid.removePoints());
             MAX_CLICKS.set(valid.maxClicksPerRequest());
             TIMEOUT.set(valid.timeoutSeconds());
+            SERVER_SET_UP.set(true);
+            return true;
         } catch (NuClickException e) {
             Notify.error("NuClick settings not saved", e.getMessage());
+            return false;
         }
     }
 

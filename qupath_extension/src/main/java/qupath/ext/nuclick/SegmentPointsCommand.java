@@ -22,13 +22,17 @@ import javafx.stage.Stage;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
 import qupath.ext.nuclick.core.Click;
+import qupath.ext.nuclick.core.Help;
 import qupath.ext.nuclick.core.Markers;
 import qupath.ext.nuclick.core.ModelInfo;
 import qupath.ext.nuclick.core.NuClickException;
 import qupath.ext.nuclick.core.NuClickHttpClient;
 import qupath.ext.nuclick.core.NuClickSettings;
 import qupath.ext.nuclick.core.NucleusResult;
+import qupath.ext.nuclick.core.NucleusRules;
+import qupath.ext.nuclick.core.RunSummary;
 import qupath.ext.nuclick.core.SegmentJob;
+import qupath.fx.dialogs.Dialogs;
 import qupath.lib.gui.QuPathGUI;
 import qupath.lib.images.ImageData;
 import qupath.lib.objects.PathObject;
@@ -39,8 +43,10 @@ import qupath.lib.roi.interfaces.ROI;
 /**
  * Extensions &gt; NuClick &gt; Segment points: the selected point annotations, or the points inside the
  * selected area, or all points of the image, segmented on the server in a background task (progress,
- * cancel); the nuclei are added in one hierarchy update, so that one undo removes them.  On any failure
- * the hierarchy is left as it was and a notification says why.
+ * cancel).  Points that already have a nucleus of ours (from here or from {@code nuclick-bridge qupath})
+ * are skipped, or, if the user says so, segmented again and their nuclei replaced; the changes are applied
+ * as one edit, so that one undo reverts them.  On any failure the hierarchy is left as it was and a
+ * notification says why.
  */
 final class SegmentPointsCommand {
 
@@ -65,10 +71,29 @@ final class SegmentPointsCommand {
 
     /** A point to segment: where it came from, so that it can be removed afterwards. */
     record PointRef(PathObject annotation, ROI roi, int index, double x, double y) {
+
+        /** The point's identity across runs and tools (coordinates to 1/1000 px). */
+        String key() {
+            return Markers.pointKey(x, y);
+        }
+
+        /** The QuPath object id of its point annotation, as our nuclei record it. */
+        String annotationId() {
+            return annotation.getID().toString();
+        }
+
+        NucleusRules.Point<PointRef> asRulePoint() {
+            return new NucleusRules.Point<>(this, annotationId(), key());
+        }
     }
 
     /** What the background task hands back to the UI thread. */
     record Done(List<PointRef> points, List<NucleusResult> results, ModelInfo model) {
+    }
+
+    /** What the user chose before the run: which points, and what to do with those that have a nucleus. */
+    record Request(NucleusRules.Mode mode, List<PointRef> runPoints, int skipped, int repeated,
+                   Map<ImagePlane, List<PointRef>> toSegment) {
     }
 
     /** Called on the FX thread. */
@@ -76,6 +101,9 @@ final class SegmentPointsCommand {
         ImageData<BufferedImage> imageData = qupath.getImageData();
         if (imageData == null) {
             Notify.error(TITLE, "No image is open: open an image and place points inside nuclei first.");
+            return;
+        }
+        if (!NuClickPrefs.isServerSetUp() && !FirstRun.confirmServer()) {
             return;
         }
         NuClickSettings settings;
@@ -92,11 +120,22 @@ final class SegmentPointsCommand {
             return;
         }
         var hierarchy = imageData.getHierarchy();
-        Map<ImagePlane, List<PointRef>> byPlane = PointSelection.collect(hierarchy);
-        if (byPlane.isEmpty()) {
+        Map<ImagePlane, List<PointRef>> collected = PointSelection.collect(hierarchy);
+        if (collected.isEmpty()) {
             Notify.error(TITLE, SegmentJob.noPointsMessage());
             return;
         }
+        Request request = ask(collected, NucleusObjects.ours(hierarchy));
+        if (request == null) {
+            return;
+        }
+        if (request.toSegment().isEmpty()) {
+            // Pressing the key again: every point has its nucleus; nothing to send, nothing to add.
+            Notify.info(TITLE, new RunSummary(0, 0, request.skipped(), request.repeated(), 0, Map.of(), 0, 0,
+                    settings.output() == NuClickSettings.Output.ANNOTATIONS).message());
+            return;
+        }
+        Map<ImagePlane, List<PointRef>> byPlane = request.toSegment();
         var cal = server.getPixelCalibration();
         double pixelSize = cal.hasPixelSizeMicrons() ? cal.getAveragedPixelSizeMicrons() : Double.NaN;
         int width = server.getWidth();
@@ -139,7 +178,7 @@ final class SegmentPointsCommand {
         task.setOnSucceeded(e -> {
             window.close();
             running.set(false);
-            apply(imageData, settings, task.getValue());
+            apply(imageData, settings, request, task.getValue());
         });
         task.setOnFailed(e -> {
             window.close();
@@ -167,12 +206,52 @@ final class SegmentPointsCommand {
         pool.submit(task);
     }
 
-    /** On the FX thread: the nuclei into the hierarchy, in one update. */
-    private static void apply(ImageData<BufferedImage> imageData, NuClickSettings settings, Done done) {
+    /**
+     * On the FX thread, before any work: the run's points, and whether to skip or replace those that
+     * already have a nucleus of ours (asked only when some do).  Null when the user cancels.
+     */
+    private static Request ask(Map<ImagePlane, List<PointRef>> collected,
+                               List<NucleusRules.Nucleus<PathObject>> ours) {
+        List<PointRef> runPoints = new ArrayList<>();
+        List<NucleusRules.Point<PointRef>> rulePoints = new ArrayList<>();
+        for (var list : collected.values()) {
+            for (var p : list) {
+                runPoints.add(p);
+                rulePoints.add(p.asRulePoint());
+            }
+        }
+        var mode = NucleusRules.Mode.SKIP;
+        var plan = NucleusRules.plan(rulePoints, ours, mode);
+        int done = plan.alreadyDone().size();
+        if (done > 0) {
+            String skip = Help.skipChoice(plan.toSegment().size());
+            String replace = Help.replaceChoice(done);
+            String choice = Dialogs.showChoiceDialog(TITLE, Help.alreadyDoneQuestion(done, done
+                    + plan.toSegment().size()), List.of(skip, replace), skip);
+            if (choice == null) {
+                return null;
+            }
+            if (choice.equals(replace)) {
+                mode = NucleusRules.Mode.REPLACE;
+                plan = NucleusRules.plan(rulePoints, ours, mode);
+            }
+        }
+        Map<ImagePlane, List<PointRef>> toSegment = new LinkedHashMap<>();
+        for (var p : plan.toSegment()) {
+            toSegment.computeIfAbsent(p.handle().roi().getImagePlane(), k -> new ArrayList<>()).add(p.handle());
+        }
+        int skipped = mode == NucleusRules.Mode.SKIP ? done : 0;
+        return new Request(mode, runPoints, skipped, plan.repeated().size(), toSegment);
+    }
+
+    /** On the FX thread: the run's changes into the hierarchy, as one edit (one Undo). */
+    private static void apply(ImageData<BufferedImage> imageData, NuClickSettings settings, Request request,
+                              Done done) {
         PathObjectHierarchy hierarchy = imageData.getHierarchy();
         String runId = Markers.runId(ZonedDateTime.now(), RandomGenerator.getDefault());
-        var summary = NucleusObjects.add(hierarchy, imageData.getServer().getPixelCalibration(), settings, runId,
-                done.points(), done.results());
+        var summary = NucleusObjects.apply(hierarchy, imageData.getServer().getPixelCalibration(), settings, runId,
+                request.mode(), request.runPoints(), request.skipped(), request.repeated(), done.points(),
+                done.results());
         String text = summary.message();
         logger.info("NuClick run {}: {}", runId, text.replace('\n', ' '));
         if (summary.added() == 0) {
