@@ -17,6 +17,7 @@ from bridge.connectors.qupath.objects import (
     PROBABILITY,
     Calibration,
     Marker,
+    annotation_id_of,
     calibration_from_metadata,
     detection_features,
     export_collection,
@@ -24,7 +25,9 @@ from bridge.connectors.qupath.objects import (
     marker_for,
     new_run_id,
     our_detections,
+    our_nuclei,
     parse_marker,
+    point_index,
     point_key,
     size_from_metadata,
     uri_to_path,
@@ -121,23 +124,84 @@ def test_marker_round_trip_and_foreign_names():
         marker_for("bad id", click)
 
 
-def test_our_detections_are_found_by_marker_only():
-    ours = {
+POINTS_A = "3b7e2c10-5f0e-4a53-9d61-7c0b8e2f4a01"  # a point annotation (Tumor)
+POINTS_B = "9c2d4e61-1a2b-4c3d-8e4f-5a6b7c8d9e02"  # another one (Immune cells)
+GONE = "0d1e2f30-4a5b-4c6d-9e7f-8a9b0c1d2e03"  # a point annotation the user deleted
+
+
+def nucleus(fid, key, kind="detection", cls="Tumor", point_id=None, run="r1", name=None):
+    """One of our nuclei as QuPath 0.6 stores it (GeoJSON written by GsonTools):
+    ``kind`` detection (this connector) or annotation (the extension); QuPath 0.6
+    keeps string metadata on every object type."""
+    x, y = (float(v) for v in key.split(","))
+    metadata = {"nuclick_run": run, "nuclick_point": key}
+    if point_id is not None:
+        metadata["nuclick_point_id"] = point_id
+    return {
         "type": "Feature",
-        "id": "00000000-0000-4000-8000-00000000000a",
-        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [2, 0], [2, 2], [0, 0]]]},
+        "id": fid,
+        "geometry": {
+            "type": "Polygon",
+            "coordinates": [[[x - 3, y - 3], [x + 3, y - 3], [x + 3, y + 3], [x - 3, y + 3], [x - 3, y - 3]]],
+        },
         "properties": {
-            "objectType": "detection",
-            "name": "nuclick-bridge r1 @1.000,1.000",
-            "classification": {"name": "Tumor"},
+            "objectType": kind,
+            "name": name or f"nuclick-bridge {run} @{key}",
+            "classification": {"name": cls, "color": class_color(cls)},
+            "measurements": {"Area px^2": 36.0, "NuClick probability": 0.9},
+            "metadata": metadata,
         },
     }
-    users = json.loads(json.dumps(ours))
-    users["properties"]["name"] = "my nucleus"
-    annotation_named_like_us = json.loads(json.dumps(ours))
-    annotation_named_like_us["properties"]["objectType"] = "annotation"
-    found = our_detections([ours, users, annotation_named_like_us])
-    assert [(d.id, d.marker.key, d.class_name) for d in found] == [(ours["id"], "1.000,1.000", "Tumor")]
+
+
+def test_our_nuclei_are_found_by_marker_as_detections_and_annotations():
+    """The extension's annotations are ours too (the connector duplicated them
+    before); objects without the marker, and point annotations, never are."""
+    ids = [f"00000000-0000-4000-8000-00000000000{k}" for k in range(8)]
+    connector = nucleus(ids[0], "10.000,10.000", "detection", point_id=POINTS_A)
+    extension = nucleus(ids[1], "20.000,20.000", "annotation", "Immune cells", POINTS_B, run="x7")
+    released = nucleus(ids[2], "30.000,30.000", "annotation")  # its point was removed on purpose
+    legacy = nucleus(ids[3], "40.000,40.000", point_id=f"{POINTS_A}:4")  # before point ids were annotation ids
+    users = nucleus(ids[4], "50.000,50.000", name="my nucleus")
+    cell = nucleus(ids[5], "60.000,60.000", "cell")
+    point_named_like_us = points_feature([[70.0, 70.0]], "Tumor", ids[6])
+    point_named_like_us["properties"]["name"] = "nuclick-bridge r1 @70.000,70.000"
+    features = [connector, extension, released, legacy, users, cell, point_named_like_us]
+    stored = [as_stored_by_qupath(f) for f in features]
+    found = our_nuclei(stored)
+    assert [(n.id, n.marker.key, n.class_name, n.point_id, n.object_type) for n in found] == [
+        (ids[0], "10.000,10.000", "Tumor", POINTS_A, "detection"),
+        (ids[1], "20.000,20.000", "Immune cells", POINTS_B, "annotation"),
+        (ids[2], "30.000,30.000", "Tumor", None, "annotation"),
+        (ids[3], "40.000,40.000", "Tumor", POINTS_A, "detection"),
+    ]
+    assert our_detections is our_nuclei
+
+
+def test_orphan_rule():
+    """An orphan records a point id, and that annotation no longer holds a
+    point at its key; nothing else is an orphan."""
+    annotations = [
+        points_feature([[10.0, 10.0], [11.0, 11.0]], "Tumor", POINTS_A),
+        points_feature([[20.0, 20.0]], "Immune cells", POINTS_B),
+        points_feature([[99.0, 99.0]], "Tumor"),  # no id (QuPath < 0.4): never in the index
+    ]
+    index = point_index(annotations)
+    assert index == {(POINTS_A, "10.000,10.000"), (POINTS_A, "11.000,11.000"), (POINTS_B, "20.000,20.000")}
+    cases = {
+        "point still there": (nucleus("a", "10.000,10.000", point_id=POINTS_A), False),
+        "legacy id, point there": (nucleus("b", "11.000,11.000", point_id=f"{POINTS_A}:2"), False),
+        "extension annotation, point there": (nucleus("c", "20.000,20.000", "annotation", point_id=POINTS_B), False),
+        "released (no point id)": (nucleus("d", "30.000,30.000", "annotation"), False),
+        "annotation deleted": (nucleus("e", "40.000,40.000", point_id=GONE), True),
+        "point deleted from its annotation": (nucleus("f", "12.000,12.000", point_id=POINTS_A), True),
+        "point now in another annotation": (nucleus("g", "20.000,20.000", point_id=POINTS_A), True),
+    }
+    for what, (feature, orphan) in cases.items():
+        (found,) = our_nuclei([as_stored_by_qupath(feature)])
+        assert found.is_orphan(index) is orphan, what
+    assert annotation_id_of(f"{POINTS_A}:12") == POINTS_A == annotation_id_of(POINTS_A.upper())
+    assert annotation_id_of("#2:1") is None and annotation_id_of("") is None
 
 
 def test_calibration_and_size_from_server_metadata():
@@ -209,7 +273,8 @@ def test_detections_have_valid_polygons_classes_measurements_and_marker(segmenta
         assert m[AREA_UM] == pytest.approx(m[AREA_PX] * 0.125)
         assert 0 < m[PROBABILITY] <= 1
         assert parse_marker(props["name"]) == Marker(run, point_key(result.click.x, result.click.y))
-        assert props["metadata"]["nuclick_point_id"] == result.click.id
+        key = point_key(result.click.x, result.click.y)
+        assert props["metadata"] == {"nuclick_run": run, "nuclick_point": key, "nuclick_point_id": TUMOR_ID}
         json.dumps(feature, allow_nan=False)
     uncalibrated = detection_features(seg.results, run, None)
     assert all(AREA_UM not in f["properties"]["measurements"] for f in uncalibrated)
@@ -229,6 +294,6 @@ def test_what_qupath_keeps_still_carries_the_marker_and_exports_like_segment(seg
     assert first["properties"]["classification"]["name"] == source.click.class_name
     assert set(first["properties"]["measurements"]) == {AREA_PX, AREA_UM, PROBABILITY}
     nuclick = first["properties"]["nuclick"]
-    assert nuclick["click_id"] == source.click.id and nuclick["run_id"] == "r1"
+    assert nuclick["click_id"] == TUMOR_ID and nuclick["run_id"] == "r1"  # the point annotation's id
     assert math.isclose(nuclick["click_x"], source.click.x, abs_tol=5e-4)
     assert export_collection(stored, run_id="another")["features"] == []

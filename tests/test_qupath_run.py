@@ -1,7 +1,8 @@
 """The QuPath connector's core, end to end without QuPath: a real pyramidal
 tiled TIFF written by tifffile, point annotations in two classes, the real
-watershed segmenter, and the in-memory project (the documented stand-in for
-the paquo calls, ``support.qupath_memory``)."""
+watershed segmenter, and the stand-in project (the documented stand-in for
+the paquo calls, ``support.qupath_memory``, which keeps the project on disk as
+QuPath does and fails where QuPath fails)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,24 @@ import tifffile
 from shapely.geometry import box, shape
 
 from bridge.connectors.qupath.images import OpenSlideReader, open_local_image
-from bridge.connectors.qupath.objects import AREA_UM, our_detections, parse_marker, point_key
+from bridge.connectors.qupath.objects import (
+    AREA_UM,
+    OurNucleus,
+    marker_for,
+    our_detections,
+    our_nuclei,
+    parse_marker,
+    point_key,
+)
 from bridge.connectors.qupath.run import RunOptions, export_image, plan_points, run_project
+from bridge.connectors.qupath.safe_save import snapshot_path
 from bridge.errors import BridgeInputError
 from bridge.evaluation.clicks import simulate_clicks
 from bridge.evaluation.watershed import WatershedSegmenter
 from bridge.io.imageio import ArrayReader
 from bridge.nuclick.tiling import plan_tiles
 from bridge.results import Click
-from support.qupath_memory import MemoryEntry, MemoryProject
+from support.qupath_memory import JavaException, MemoryEntry, MemoryProject
 
 CLASSES = ("Tumor", "Immune cells")
 CALIBRATED = {
@@ -183,18 +193,36 @@ def test_dry_run_plans_and_writes_nothing(slide):
     assert entry.saves == 1
 
 
-def test_plan_points_rules():
-    a, b, c = Click(1.0, 1.0, "a", "Tumor"), Click(2.0, 2.0, "b", "Stroma"), Click(3.0, 3.0, "c", "Tumor")
-    old = [Click(1.0, 1.0), Click(9.0, 9.0)]  # a's point, and a point deleted since
-    from bridge.connectors.qupath.objects import OurDetection, marker_for
+A = "00000000-0000-4000-8000-000000000000"  # the Tumor point annotation of point_annotations()
+B = "00000000-0000-4000-8000-000000000001"  # the Immune cells one
 
-    ours = [OurDetection(f"id{k}", marker_for("r0", o), "Tumor") for k, o in enumerate(old)]
-    skip = plan_points([a, b, c], ours, replace=False)
-    assert (skip.todo, skip.already, skip.remove) == ([b, c], [a], [])
-    redo = plan_points([a, b, c], ours, replace=True)
-    assert redo.todo == [a, b, c] and [d.id for d in redo.remove] == ["id0", "id1"]
-    stroma_only = plan_points([b], ours, replace=True, classes=["Stroma"])
-    assert stroma_only.remove == []  # our Tumor nuclei are not touched by a Stroma run
+
+def test_plan_points_rules():
+    a, b = Click(1.0, 1.0, f"{A}:1", "Tumor"), Click(2.0, 2.0, f"{B}:1", "Stroma")
+    c = Click(3.0, 3.0, f"{A}:2", "Tumor")
+    index = {(A, "1.000,1.000"), (B, "2.000,2.000"), (A, "3.000,3.000"), (B, "5.000,5.000")}
+
+    def ours(key_x, cls="Tumor", point_id=A, kind="detection"):
+        return OurNucleus(f"n{key_x}", marker_for("r0", Click(key_x, key_x)), cls, point_id, kind)
+
+    of_a = ours(1.0, kind="annotation")  # the extension's nucleus of a's point
+    orphan = ours(9.0)  # its point was deleted after the run
+    stroma_orphan = ours(8.0, "Stroma", B)
+    released = ours(7.0, point_id=None)  # the extension removed its point on purpose
+    kept_point = ours(5.0, "Stroma", B)  # its point exists, but is not segmented now (class filter)
+    nuclei = [of_a, orphan, stroma_orphan, released, kept_point]
+
+    skip = plan_points([a, b, c], nuclei, replace=False, points=index)
+    assert (skip.todo, skip.already, skip.remove) == ([b, c], [a], [])  # nothing removed without --replace
+    assert skip.orphans == [orphan, stroma_orphan]  # ...but the orphans are known, to be reported
+    redo = plan_points([a, b, c], nuclei, replace=True, points=index)
+    assert redo.todo == [a, b, c] and redo.remove == [of_a, orphan, stroma_orphan]
+    tumor = plan_points([a, c], nuclei, replace=True, classes=["Tumor"], points=index)
+    assert tumor.remove == [of_a, orphan]  # a Stroma orphan is not removed by a Tumor run
+    stroma = plan_points([b], nuclei, replace=True, classes=["Stroma"], points=index)
+    assert stroma.remove == [stroma_orphan]  # our Tumor nuclei are not touched by a Stroma run
+    nothing_left = plan_points([], nuclei, replace=True, points=set())  # every point deleted
+    assert nothing_left.remove == [of_a, orphan, stroma_orphan, kept_point]  # all but the released one
 
 
 def test_tile_border_nuclei_equal_whole_image(monuseg_pair, tmp_path):
@@ -298,14 +326,101 @@ def test_unknown_image_name_stops_before_anything(slide, tmp_path):
     assert [r.name for r in summary.images] == ["other"] and entry.saves == 0
 
 
-def test_a_failed_write_leaves_that_image_untouched(slide, tmp_path):
-    first = make_entry(slide, "first", detections=[USER_DETECTION], fail_next_write=RuntimeError("disk full"))
+def on_disk(entry: MemoryEntry) -> tuple[bytes, list[str]]:
+    """The image's data file, byte for byte, and the files beside it."""
+    return entry.data_file().read_bytes(), sorted(p.name for p in entry.folder.iterdir())
+
+
+def reopened(project: MemoryProject, name: str) -> tuple[list[dict], list[dict]]:
+    """The image's objects as a fresh process opens them from disk."""
+    (entry,) = [e for e in MemoryProject.reopen(project.path).images if e.name == name]
+    return entry.read_objects()
+
+
+def test_the_stand_in_fails_where_qupath_fails(slide, tmp_path):
+    """Without the connector's guard, the stand-in leaves what QuPath leaves:
+    objects inserted before an exception stay in memory; an exception inside
+    the save that is not an IOException leaves a half-written data.qpdata and
+    the .bkp; an IOException makes QuPath move its backup back."""
+    entry = make_entry(slide, "first", detections=[USER_DETECTION])
+    project = MemoryProject(tmp_path, [entry])
+    before, files = on_disk(entry)
+    extra = [copy.deepcopy(USER_DETECTION) for _ in range(3)]
+    for k, f in enumerate(extra):
+        f["id"] = f"bbbbbbbb-0000-4000-8000-00000000000{k}"
+    entry.fail_after_inserting = 2
+    with pytest.raises(JavaException):
+        entry.insert_objects(extra)
+    assert len(entry.detections) == 3  # two of three went in, and stay in memory
+    entry.fail_in_save = JavaException("java.lang.OutOfMemoryError: Java heap space")
+    with pytest.raises(JavaException):
+        entry.save()
+    half, listing = on_disk(entry)
+    assert listing == ["data.qpdata", "data.qpdata.bkp", "server.json"] and half != before
+    with pytest.raises(ValueError):  # QuPath cannot read the half file
+        MemoryProject.reopen(tmp_path)
+    (entry.folder / "data.qpdata.bkp").replace(entry.data_file())  # put it right by hand
+    entry.fail_in_save = OSError("No space left on device")
+    with pytest.raises(OSError):
+        entry.save()
+    assert on_disk(entry) == (before, files)  # QuPath restored its backup itself
+    assert reopened(project, "first") == (make_entry(slide, "x").annotations, [USER_DETECTION])
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"fail_after_inserting": 5},
+        {"fail_in_save": JavaException("java.lang.IllegalStateException: serializer failed")},
+        {"fail_in_save": OSError("No space left on device")},
+        {"fail_after_data": JavaException("java.io.UncheckedIOException: summary.json")},
+    ],
+    ids=["after-inserting", "inside-save", "inside-save-ioerror", "after-the-data-file"],
+)
+def test_a_failed_write_leaves_that_image_untouched_and_the_run_goes_on(slide, tmp_path, failure):
+    """--replace on an image that already has our nuclei, failing at each place
+    QuPath can fail: that image is, on disk, byte for byte what it was, its
+    unsaved changes are gone from memory, the next image is written, and the
+    failure is reported."""
+    first = make_entry(slide, "first", detections=[USER_DETECTION])
     second = make_entry(slide, "second")
-    summary = run(MemoryProject(tmp_path, [first, second]))
+    project = MemoryProject(tmp_path, [first, second])
+    run(project, run_id="run-1")
+    assert first.saves == 1 and len(our_nuclei(first.detections)) > 20
+    before, files = on_disk(first)
+    objects = first.read_objects()
+    for name, value in failure.items():
+        setattr(first, name, value)
+    lines = []
+    summary = run(project, lines, run_id="run-2", replace=True)
     assert [r.status for r in summary.images] == ["failed", "written"]
-    assert summary.images[0].error == "RuntimeError: disk full"
-    assert first.saves == 0 and first.detections == [USER_DETECTION]
-    assert second.saves == 1 and summary.fatal_reason() is None
+    expected = "OSError: No space left" if isinstance(failure.get("fail_in_save"), OSError) else "JavaException: java."
+    assert summary.images[0].error.startswith(expected)
+    assert any(line.startswith("first: skipped: ") for line in lines)
+    assert on_disk(first) == (before, files)  # untouched: no half file, no .bkp, no snapshot left
+    assert reopened(project, "first") == objects
+    assert first.read_objects() == objects  # nothing unsaved left in memory for a later save to write
+    assert {n.marker.run_id for n in our_nuclei(second.detections)} == {"run-2"}
+    assert reopened(project, "second") == second.read_objects()
+    assert summary.as_dict()["failed"] == 1 and summary.fatal_reason() is None
+
+    again = run(project, run_id="run-3", replace=True)  # the failure is gone: the image is fully written
+    assert again.images[0].status == "written"
+    assert {n.marker.run_id for n in our_nuclei(reopened(project, "first")[1])} == {"run-3"}
+    assert USER_DETECTION in reopened(project, "first")[1]
+
+
+def test_an_image_whose_save_was_killed_is_left_alone(slide, tmp_path):
+    """A snapshot left by a killed run: only a person can tell which file is good."""
+    first, second = make_entry(slide, "first"), make_entry(slide, "second")
+    project = MemoryProject(tmp_path, [first, second])
+    snapshot_path(first.data_file()).write_bytes(first.data_file().read_bytes())
+    before = on_disk(first)
+    summary = run(project)
+    assert [r.status for r in summary.images] == ["failed", "written"]
+    assert "an earlier run was stopped while saving this image" in summary.images[0].error
+    assert "data.qpdata.nuclick-bridge" in summary.images[0].error
+    assert on_disk(first) == before and first.saves == 0
 
 
 def test_ctrl_c_during_a_write_is_held_until_the_image_is_saved(slide, tmp_path):

@@ -15,15 +15,25 @@ QuPath GeoJSON (>= 0.4), as QuPath writes and reads it::
 Coordinates are level-0 pixels in QuPath's continuous convention (see
 :mod:`bridge.io.coords`), so points and polygons go through unchanged.
 
-**The marker.**  Every detection we write is named
+**The marker.**  Every nucleus we write is named
 ``nuclick-bridge <run id> @<x>,<y>``, the click's coordinates with three
 decimals.  QuPath always keeps an object's name (it is shown in the
-hierarchy and the measurement table), so the name alone finds our objects
-again; the run id, the source point's id and coordinates are also put in the
-object's ``metadata`` (kept by QuPath versions whose detections store
-metadata).  A later run recognises "this point already has a nucleus" by the
-coordinates in the name, whatever the run; objects without such a name are
-never ours and are never touched.
+hierarchy and the measurement table), so the name alone finds our nuclei
+again, whether they are detections (this connector) or annotations (the
+QuPath extension can make either).  QuPath 0.6 keeps string metadata on every
+object (``PathObject.getMetadata()``; GeoJSON ``properties.metadata``), and
+there our nuclei also carry ``nuclick_run``, ``nuclick_point`` (the point's
+key) and ``nuclick_point_id``: the object id (UUID) of the point annotation
+the click came from.  A later run recognises "this point already has a
+nucleus" by the coordinates in the name, whatever the run or object type;
+objects without such a name are never ours and are never touched.
+
+**Orphans.**  One of our nuclei is an orphan iff it records a point id and
+the image no longer has a point at its key inside a point annotation with
+that id (the annotation is gone, or no longer holds that point).  Nuclei
+without a point id (older runs, or nuclei the extension *released* when it
+removed their points on purpose) are never orphans.  ``--replace`` removes
+orphans; see :func:`bridge.connectors.qupath.run.plan_points`.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import math
 import re
 import secrets
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -169,33 +180,89 @@ def extract_points(features: Iterable[dict], classes: Sequence[str] = ()) -> Poi
     return out
 
 
-# ---------------------------------------------------------- our detections
+# --------------------------------------------------------------- our nuclei
+
+
+def annotation_id_of(click_id: str) -> str | None:
+    """The point annotation's QuPath id (a UUID) in a click id ``<id>:<k>``
+    (or in a bare id, as the extension records it); None when the annotation
+    had no id (QuPath < 0.4), which records no point id at all."""
+    if not isinstance(click_id, str) or not click_id:
+        return None
+    for candidate in (click_id, click_id.rsplit(":", 1)[0]):
+        try:
+            return str(uuid.UUID(candidate))
+        except ValueError:
+            continue
+    return None
+
+
+def point_index(features: Iterable[dict]) -> set[tuple[str, str]]:
+    """Every (point annotation id, point key) of the image, whatever its class:
+    what the orphan rule looks up."""
+    out: set[tuple[str, str]] = set()
+    for feature in features:
+        if not isinstance(feature, dict):
+            continue
+        props = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}
+        if props.get("objectType", "annotation") != "annotation":
+            continue
+        ann_id = annotation_id_of(str(feature.get("id", "")))
+        if ann_id is None:
+            continue
+        for coords in _point_list(feature.get("geometry")):
+            try:
+                x, y = float(coords[0]), float(coords[1])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if math.isfinite(x) and math.isfinite(y):
+                out.add((ann_id, point_key(x, y)))
+    return out
 
 
 @dataclass(frozen=True)
-class OurDetection:
-    """A detection that an earlier run wrote (found by its marker)."""
+class OurNucleus:
+    """A nucleus that a run of ours (connector or extension) wrote, found by its marker."""
 
     id: str | None
     marker: Marker
     class_name: str | None
+    point_id: str | None = None  # the source point annotation's id; None: never an orphan
+    object_type: str = "detection"  # or "annotation" (the extension can make those)
+
+    def is_orphan(self, points: set[tuple[str, str]]) -> bool:
+        """The orphan rule (module docstring): ``points`` from :func:`point_index`."""
+        return self.point_id is not None and (self.point_id, self.marker.key) not in points
 
 
-def our_detections(features: Iterable[dict]) -> list[OurDetection]:
-    """The detections carrying our marker; everything else is the user's."""
+OurDetection = OurNucleus  # the name before annotations counted too
+
+
+def our_nuclei(features: Iterable[dict]) -> list[OurNucleus]:
+    """The detections and annotations carrying our marker; everything else is the user's."""
     out = []
     for feature in features:
         if not isinstance(feature, dict):
             continue
         props = feature.get("properties")
-        if not isinstance(props, dict) or props.get("objectType") != "detection":
+        if not isinstance(props, dict):
             continue
+        kind = props.get("objectType", "annotation")
+        if kind not in ("detection", "annotation") or _point_list(feature.get("geometry")):
+            continue  # a point annotation is a click, never a nucleus
         marker = parse_marker(props.get("name"))
         if marker is None:
             continue
+        meta = props.get("metadata") if isinstance(props.get("metadata"), dict) else {}
+        point_id = annotation_id_of(str(meta.get("nuclick_point_id") or ""))
         raw_id = feature.get("id")
-        out.append(OurDetection(str(raw_id) if raw_id is not None else None, marker, class_name_of(props)))
+        out.append(
+            OurNucleus(str(raw_id) if raw_id is not None else None, marker, class_name_of(props), point_id, kind)
+        )
     return out
+
+
+our_detections = our_nuclei
 
 
 # -------------------------------------------------------------- calibration
@@ -282,7 +349,9 @@ def uri_to_path(uri: str) -> Path:
 def detection_feature(result: NucleusResult, run_id: str, calibration: Calibration | None = None) -> dict[str, Any]:
     """One QuPath detection for a found nucleus: the ``segment`` feature
     (polygon, class with colour, ``Area px^2``, ``NuClick probability``) plus
-    ``Area µm^2`` when calibrated, and the marker (name and metadata)."""
+    ``Area µm^2`` when calibrated, and the marker: the name, and the metadata
+    ``nuclick_run``, ``nuclick_point`` and ``nuclick_point_id`` (the point
+    annotation's UUID, from the click id ``<uuid>:<k>``)."""
     feature = result_to_feature(result, "detection")
     click = result.click
     marker = marker_for(run_id, click)
@@ -293,11 +362,10 @@ def detection_feature(result: NucleusResult, run_id: str, calibration: Calibrati
         area = calibration.area_um2(measurements[AREA_PX])
         if math.isfinite(area):
             measurements[AREA_UM] = area
-    props["metadata"] = {
-        "nuclick_run": run_id,
-        "nuclick_point_id": click.id,
-        "nuclick_point": marker.key,
-    }
+    props["metadata"] = {"nuclick_run": run_id, "nuclick_point": marker.key}
+    point_id = annotation_id_of(click.id)
+    if point_id is not None:  # a point without a QuPath id records none: never an orphan
+        props["metadata"]["nuclick_point_id"] = point_id
     return feature
 
 
@@ -311,21 +379,22 @@ def detection_features(
 # ------------------------------------------------------------------- export
 
 
-def export_collection(detections: Iterable[dict], run_id: str | None = None) -> dict[str, Any]:
-    """Our detections of one image as a FeatureCollection in the format
-    ``nuclick-bridge segment`` writes (plus each object's name), for users who
-    move objects between tools by file.  ``run_id`` keeps one run only."""
+def export_collection(objects: Iterable[dict], run_id: str | None = None) -> dict[str, Any]:
+    """Our nuclei of one image (detections, and the extension's annotations) as
+    a FeatureCollection in the format ``nuclick-bridge segment`` writes (plus
+    each object's name), for users who move objects between tools by file.
+    ``run_id`` keeps one run only."""
     features = []
-    for feature in detections:
+    for feature in objects:
         props = feature.get("properties") if isinstance(feature, dict) else None
-        if not isinstance(props, dict) or props.get("objectType") != "detection":
+        if not isinstance(props, dict) or not our_nuclei([feature]):
             continue
         marker = parse_marker(props.get("name"))
         if marker is None or (run_id is not None and marker.run_id != run_id):
             continue
         meta = props.get("metadata") if isinstance(props.get("metadata"), dict) else {}
         x, y = (float(v) for v in marker.key.split(","))
-        out_props: dict[str, Any] = {"objectType": "detection", "name": marker.name}
+        out_props: dict[str, Any] = {"objectType": props.get("objectType", "annotation"), "name": marker.name}
         if isinstance(props.get("classification"), dict):
             out_props["classification"] = props["classification"]
         measurements = props.get("measurements")

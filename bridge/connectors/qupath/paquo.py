@@ -11,19 +11,23 @@ rest of the connector is plain Python tested without QuPath, with
   objects as GeoJSON (bulk, through QuPath's Gson), and one all-or-nothing
   write per image.
 
-**How an image is written.**  ``write_objects`` inserts all the new detections
-with one ``hierarchy.load_geojson(..., raise_on_skip=True)`` (every Feature is
-converted before any is inserted; one invalid Feature raises and inserts
-nothing), removes our earlier detections with one ``removeObjects`` call, and
-then saves that image alone (``entry.save()``: QuPath writes ``data.qpdata``,
-keeping the previous file as ``data.qpdata.bkp`` until the new one is
-complete).  Changes live in QuPath's memory until that save, and nothing else
-ever saves: the project is not used as a context manager (paquo's
-``__exit__`` would save every changed image, also after an error).  So an
-error leaves the image unsaved, that is untouched on disk.  paquo starts the
-JVM with JPype's default, which lets Java kill the process on Ctrl-C; we give
-SIGINT back to Python after start-up so that the core can hold it during a
-save (see :func:`bridge.connectors.qupath.run.hold_interrupts`).
+**How an image is written** (the order is :func:`bridge.connectors.qupath.run.write_image`'s):
+``insert_objects`` converts every new Feature with one
+``hierarchy.load_geojson(..., raise_on_skip=True)`` (one invalid Feature
+raises before any is inserted) and inserts them with QuPath's
+``insertPathObjects``; ``remove_objects`` removes our earlier nuclei,
+detections or annotations, with one ``removeObjects`` call; ``save`` saves
+that image alone (``entry.save()``, i.e. QuPath's ``saveImageData``, which
+moves ``data.qpdata`` to ``data.qpdata.bkp``, writes a new one through
+``PathIO`` and restores the backup only on an ``IOException``).  The core
+guards ``data_file()`` around the save and, on any error, calls
+``discard_changes``, which puts the hierarchy read back from disk
+(``readHierarchy``) in place of the changed one (``setHierarchy``).  Nothing
+else ever saves: the project is not used as a context manager (paquo's
+``__exit__`` would save every changed image, also after an error).  paquo
+starts the JVM with JPype's default, which lets Java kill the process on
+Ctrl-C; we give SIGINT back to Python after start-up so that the core can hold
+it during a save (see :func:`bridge.connectors.qupath.run.hold_interrupts`).
 """
 
 from __future__ import annotations
@@ -126,22 +130,30 @@ class PaquoEntry:
         detections = self._geojson(hierarchy.java_object.getDetectionObjects())
         return annotations, detections
 
-    def write_objects(self, add: list[dict], remove_ids: list[str]) -> None:
+    def data_file(self) -> Path:
+        return Path(str(self._entry.entry_path)) / "data.qpdata"
+
+    def insert_objects(self, features: list[dict]) -> None:
+        self._entry.hierarchy.load_geojson(copy.deepcopy(features), raise_on_skip=True)
+
+    def remove_objects(self, ids: list[str]) -> None:
+        hierarchy = self._entry.hierarchy
+        wanted = set(ids)
+        doomed = [o for o in hierarchy.java_object.getAllObjects(False) if str(o.getID()) in wanted]
+        if len(doomed) != len(wanted):
+            raise RuntimeError(f"found {len(doomed)} of the {len(wanted)} objects to remove")
+        hierarchy.java_object.removeObjects(doomed, True)
+        hierarchy.flush(invalidate_proxy_cache=True)
+
+    def save(self) -> None:
         if not self._entry.is_readable():  # paquo's save() would skip such an image silently
             raise BridgeInputError(f"cannot save {self.name}: its image file is not reachable")
-        hierarchy = self._entry.hierarchy
-        doomed = []
-        if remove_ids:
-            wanted = set(remove_ids)
-            doomed = [o for o in hierarchy.java_object.getDetectionObjects() if str(o.getID()) in wanted]
-            if len(doomed) != len(wanted):
-                raise RuntimeError(f"found {len(doomed)} of the {len(wanted)} detections to remove")
-        if add:
-            hierarchy.load_geojson(copy.deepcopy(add), raise_on_skip=True)
-        if doomed:
-            hierarchy.java_object.removeObjects(doomed, True)
-            hierarchy.flush(invalidate_proxy_cache=True)
         self._entry.save()
+
+    def discard_changes(self) -> None:
+        hierarchy = self._entry.hierarchy
+        hierarchy.java_object.setHierarchy(self._entry.java_object.readHierarchy())
+        hierarchy.flush(invalidate_proxy_cache=True)
 
 
 class PaquoProject:

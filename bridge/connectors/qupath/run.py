@@ -12,24 +12,28 @@ The run, per project:
 
 1. **Plan** every selected image: read its objects, extract the clicks (every
    point of every point annotation, in the annotation's class, ``--class``
-   filter), match them against our earlier detections (by the marker in the
-   name, see :mod:`bridge.connectors.qupath.objects`), resolve the image URI to
-   a local file and open it (missing, unreadable, non-RGB and unsupported files
-   fail here, for that image only).  ``--dry-run`` stops after this step.
+   filter), match them against our earlier nuclei, detections or annotations
+   (by the marker in the name, see :mod:`bridge.connectors.qupath.objects`),
+   find the orphans among those (:func:`plan_points`), resolve the image URI
+   to a local file and open it (missing, unreadable, non-RGB and unsupported
+   files fail here, for that image only).  ``--dry-run`` stops after this step.
 2. **Segment and write**, image by image: read level-0 tiles around groups of
    nearby clicks (``segmenter.segment_tiled``), build every detection of the
-   image first, then hand them to the project in one call that adds them,
-   removes (``--replace``) our earlier detections of those points, and saves
-   that image.  Nothing else is ever removed: the user's annotations and
-   detections are never modified.
+   image first, then :func:`write_image`: insert them, remove (``--replace``)
+   our earlier nuclei of those points and our orphans, and save that image.
+   Nothing else is ever removed: the user's annotations and detections are
+   never modified.
 
-**Interruptions.**  The project only changes on disk when an image is saved,
-and each image is saved once, right after its objects are written.  Ctrl-C
-(or SIGTERM) during that write-and-save is held until the save has finished
-(:func:`hold_interrupts`), so an interrupted run leaves every image either
-fully written (those before) or untouched (the current one and those after).
-An exception while writing one image leaves that image unsaved, hence
-untouched on disk, and the run goes on with the next.
+**All or nothing per image.**  The project only changes on disk when an image
+is saved, and each image is saved once, right after its objects are written.
+If inserting, removing or saving raises, :func:`write_image` puts the image's
+data file back as it was (:mod:`bridge.connectors.qupath.safe_save`; QuPath
+itself restores it only on an ``IOException``) and drops the unsaved changes
+from memory, so nothing can save them later; the image is reported as failed
+and the run goes on with the next.  Ctrl-C (or SIGTERM) during the write is
+held until it has finished (:func:`hold_interrupts`), so an interrupted run
+leaves every image either fully written (those before) or untouched (the
+current one and those after).
 """
 
 from __future__ import annotations
@@ -50,18 +54,20 @@ from tqdm import tqdm
 from bridge.connectors.qupath.images import open_local_image
 from bridge.connectors.qupath.objects import (
     Calibration,
-    OurDetection,
+    OurNucleus,
     calibration_from_metadata,
     class_label,
     detection_features,
     export_collection,
     extract_points,
     new_run_id,
-    our_detections,
+    our_nuclei,
+    point_index,
     point_key,
     size_from_metadata,
     uri_to_path,
 )
+from bridge.connectors.qupath.safe_save import restore_on_failure
 from bridge.errors import BridgeInputError
 from bridge.io.imageio import RegionReader
 from bridge.nuclick.tiling import DEFAULT_MAX_TILE, plan_tiles
@@ -78,7 +84,9 @@ def _stderr(line: str) -> None:
 
 
 class QuPathEntry(Protocol):
-    """One image entry of a project, as the core needs it."""
+    """One image entry of a project, as the core needs it: reading, and the
+    three steps of a write as paquo does them (insert into the in-memory
+    hierarchy, remove from it, save the image), each of which can fail."""
 
     name: str
 
@@ -95,9 +103,26 @@ class QuPathEntry(Protocol):
         """(annotations, detections) as QuPath GeoJSON Features."""
         ...
 
-    def write_objects(self, add: list[dict], remove_ids: list[str]) -> None:
-        """Add the detection Features and remove the detections with these
-        ids, then save this image: all of it, or (on error) nothing on disk."""
+    def data_file(self) -> Path | None:
+        """The file QuPath keeps this image's objects in (``data.qpdata``),
+        guarded during a save; None when there is none to guard."""
+        ...
+
+    def insert_objects(self, features: list[dict]) -> None:
+        """Add these Features to the image's hierarchy in memory."""
+        ...
+
+    def remove_objects(self, ids: list[str]) -> None:
+        """Remove the objects with these ids from the hierarchy in memory (an
+        error, before removing any, if one is missing)."""
+        ...
+
+    def save(self) -> None:
+        """Write the image's hierarchy to disk."""
+        ...
+
+    def discard_changes(self) -> None:
+        """Forget unsaved changes: the hierarchy in memory is read again from disk."""
         ...
 
 
@@ -134,7 +159,8 @@ class ImageReport:
     by_class: dict[str, int] = field(default_factory=dict)
     todo: int = 0  # points to segment now
     already: int = 0  # points skipped: they already have our detection
-    removed: int = 0  # our earlier detections removed (--replace)
+    removed: int = 0  # our earlier nuclei removed (--replace), orphans included
+    orphans: int = 0  # our nuclei whose point was deleted (removed only with --replace)
     outside: int = 0  # points outside the image
     other_classes: int = 0  # points left out by the class filter
     detections: int = 0
@@ -187,6 +213,7 @@ class RunSummary:
             "not_found": self.not_found,
             "already_done": self.total("already"),
             "removed": self.total("removed"),
+            "orphans": self.total("orphans"),
             "seconds": round(self.seconds, 2),
         }
 
@@ -196,13 +223,15 @@ class RunSummary:
             return "the project has no images"
         if len(self.failed) == len(self.images):
             return f"nothing could be done: all {len(self.images)} images failed"
-        if self.total("points") == 0 and not self.failed:
+        if self.total("points") == 0 and self.total("removed") == 0 and not self.failed:
+            kept = self.total("orphans")
+            hint = f"; {kept} nuclei of ours lost their points (run with --replace to remove them)" if kept else ""
             return (
                 "no point annotations found in "
                 f"{len(self.images)} image{'s' if len(self.images) != 1 else ''}; place one point per nucleus"
-                " with QuPath's Points tool (one class per cell type)"
+                " with QuPath's Points tool (one class per cell type)" + hint
             )
-        if self.total("points") == 0:
+        if self.total("points") == 0 and self.total("removed") == 0:
             return "nothing could be done: no image with point annotations could be read"
         return None
 
@@ -214,29 +243,45 @@ class RunSummary:
 class PointPlan:
     todo: list[Click]
     already: list[Click]
-    remove: list[OurDetection]
+    remove: list[OurNucleus]
+    orphans: list[OurNucleus]  # of the selected classes; in ``remove`` only with ``replace``
 
 
 def plan_points(
-    clicks: Sequence[Click], ours: Sequence[OurDetection], replace: bool, classes: Sequence[str] = ()
+    clicks: Sequence[Click],
+    ours: Sequence[OurNucleus],
+    replace: bool,
+    classes: Sequence[str] = (),
+    *,
+    points: set[tuple[str, str]],
 ) -> PointPlan:
-    """Which clicks to segment, which to skip, which of our detections to remove.
+    """Which clicks to segment, which to skip, which of our nuclei to remove.
 
-    Without ``replace``, a click whose point already has one of our
-    detections (any run) is skipped.  With ``replace``, every click is
-    segmented again and our earlier detections of those points are removed,
-    together with our detections whose source point is gone (deleted by the
-    user) when their class is among the selected classes.
+    ``ours`` are our nuclei of the image (detections and annotations, see
+    :func:`~bridge.connectors.qupath.objects.our_nuclei`); ``points`` is the
+    image's :func:`~bridge.connectors.qupath.objects.point_index` (every
+    point, whatever its class), which decides the orphans: nuclei that record
+    a point id whose annotation no longer holds their point.
+
+    Without ``replace``, a click whose point already has one of our nuclei
+    (any run, detection or annotation) is skipped, and nothing is removed.
+    With ``replace``, every click is segmented again and these of our nuclei
+    are removed: those of the points being segmented, and the orphans (of the
+    selected classes, when ``classes`` is given).  Every other nucleus of ours
+    is kept, in particular those without a point id (released by the
+    extension, or from older runs).
     """
-    done = {d.marker.key for d in ours}
+    wanted = set(classes)
+    orphans = [n for n in ours if n.is_orphan(points) and (not wanted or class_label(n.class_name) in wanted)]
+    done = {n.marker.key for n in ours}
     if not replace:
         todo = [c for c in clicks if point_key(c.x, c.y) not in done]
         already = [c for c in clicks if point_key(c.x, c.y) in done]
-        return PointPlan(todo, already, [])
+        return PointPlan(todo, already, [], orphans)
     keys = {point_key(c.x, c.y) for c in clicks}
-    wanted = set(classes)
-    remove = [d for d in ours if d.marker.key in keys or (not wanted or class_label(d.class_name) in wanted)]
-    return PointPlan(list(clicks), [], remove)
+    orphan_ids = {id(n) for n in orphans}
+    remove = [n for n in ours if n.marker.key in keys or id(n) in orphan_ids]
+    return PointPlan(list(clicks), [], remove, orphans)
 
 
 @dataclass
@@ -245,7 +290,7 @@ class _Planned:
     report: ImageReport
     path: Path
     todo: list[Click]
-    remove: list[OurDetection]
+    remove: list[OurNucleus]
     calibration: Calibration | None
 
 
@@ -257,13 +302,15 @@ def _plan_entry(entry: QuPathEntry, options: RunOptions) -> _Planned:
     report.other_classes = points.other_classes
     report.points = len(points.clicks)
     report.by_class = dict(sorted(points.by_class.items()))
-    if not points.clicks:
+    ours = our_nuclei([*annotations, *detections])
+    plan = plan_points(points.clicks, ours, options.replace, options.classes, points=point_index(annotations))
+    report.orphans = len(plan.orphans)
+    if not points.clicks and not plan.remove:
         report.status = "no points"
         return _Planned(entry, report, Path(), [], [], None)
-    plan = plan_points(points.clicks, our_detections(detections), options.replace, options.classes)
     report.todo, report.already, report.removed = len(plan.todo), len(plan.already), len(plan.remove)
     if any(d.id is None for d in plan.remove):
-        raise BridgeInputError("our earlier detections carry no object ids (QuPath < 0.4), so they cannot be replaced")
+        raise BridgeInputError("our earlier nuclei carry no object ids (QuPath < 0.4), so they cannot be replaced")
     if not plan.todo:  # nothing to segment: the pixels are not needed
         return _Planned(entry, report, Path(), [], plan.remove, None)
     path = uri_to_path(entry.image_uri())
@@ -287,6 +334,26 @@ def _plan_entry(entry: QuPathEntry, options: RunOptions) -> _Planned:
 
 
 # ------------------------------------------------------------------ writing
+
+
+def write_image(entry: QuPathEntry, add: list[dict], remove_ids: list[str]) -> None:
+    """Insert ``add``, remove ``remove_ids`` and save the image: all of it, or
+    nothing, on disk and in memory.  On any error the data file is put back
+    (:func:`~bridge.connectors.qupath.safe_save.restore_on_failure`) and the
+    unsaved changes are dropped, then the error goes on to the caller."""
+    try:
+        if add:
+            entry.insert_objects(add)
+        if remove_ids:
+            entry.remove_objects(remove_ids)
+        with restore_on_failure(entry.data_file()):
+            entry.save()
+    except BaseException as exc:
+        try:
+            entry.discard_changes()
+        except Exception as again:  # the disk is safe; say that memory is not
+            exc.add_note(f"and its unsaved changes could not be dropped ({type(again).__name__}: {again})")
+        raise
 
 
 @contextlib.contextmanager
@@ -376,23 +443,32 @@ def _describe_classes(by_class: dict[str, int]) -> str:
 def _report_line(r: ImageReport, dry_run: bool) -> str:
     if r.status == "failed":
         return f"{r.name}: skipped: {r.error}"
+    orphans = (
+        f"; {r.orphans} nuclei of ours lost their points (--replace removes them)"
+        if r.orphans and not r.removed
+        else ""
+    )
     if r.status == "no points":
         if r.other_classes:
-            return f"{r.name}: no points of the selected classes ({r.other_classes} points of other classes)"
-        return f"{r.name}: no point annotations"
-    head = f"{r.name}: {r.points} points ({_describe_classes(r.by_class)})"
+            return f"{r.name}: no points of the selected classes ({r.other_classes} points of other classes){orphans}"
+        return f"{r.name}: no point annotations{orphans}"
+    classes = _describe_classes(r.by_class)
+    head = f"{r.name}: {r.points} points ({classes})" if r.points else f"{r.name}: no points left"
     if dry_run:
         parts = [f"would segment {r.todo}"]
         if r.outside:
             parts.append(f"{r.outside} of them outside the image")
         parts.append(f"skip {r.already} already done")
         parts.append(f"remove {r.removed} earlier detections")
-        return f"{head}; " + ", ".join(parts)
+        if r.removed and r.orphans:
+            parts[-1] += f" ({r.orphans} of them orphans: their points were deleted)"
+        return f"{head}; " + ", ".join(parts) + orphans
     if r.status == "up to date":
-        return f"{head}; all already done, nothing written"
+        return f"{head}; all already done, nothing written{orphans}"
+    removed = f"{r.removed} earlier removed" + (f" ({r.orphans} orphans)" if r.removed and r.orphans else "")
     return (
         f"{head}; {r.detections} detections written, {len(r.not_found)} not found, "
-        f"{r.already} already done, {r.removed} earlier removed ({r.seconds:.1f} s)"
+        f"{r.already} already done, {removed} ({r.seconds:.1f} s){orphans}"
     )
 
 
@@ -466,7 +542,7 @@ def run_project(
                 features = detection_features(results, run_id, item.calibration)
                 with hold_interrupts():  # a Ctrl-C now is acted on once the image is saved
                     if features or item.remove:  # else leave the image as it is
-                        item.entry.write_objects(features, [str(d.id) for d in item.remove])
+                        write_image(item.entry, features, [str(d.id) for d in item.remove])
                     report.status = "written"
             except Exception as exc:
                 report.status, report.error = "failed", _describe(exc)
@@ -503,8 +579,8 @@ def export_image(project: QuPathProjectLike, image: str, run_id: str | None = No
     entries = select_entries(project, [image])
     if len(entries) > 1:
         raise BridgeInputError(f"{len(entries)} images are named {image!r}; rename them in QuPath first")
-    _, detections = entries[0].read_objects()
-    collection = export_collection(detections, run_id)
+    annotations, detections = entries[0].read_objects()
+    collection = export_collection([*detections, *annotations], run_id)
     if not collection["features"]:
         which = f" from run {run_id}" if run_id else ""
         raise BridgeInputError(
