@@ -5,10 +5,16 @@ plugins {
     id("qupath-conventions")
 }
 
+// One name and version for the extension, its release jar and the extension catalog
+// (catalog/catalog.json names .../releases/download/v<version>/<name>-<version>.jar;
+// tests/test_qupath_catalog.py checks that they agree).  Raise the version here and add a release there.
+val extensionName = "qupath-extension-nuclick"
+val extensionVersion = "0.1.0"
+
 qupathExtension {
-    name = "qupath-extension-nuclick"
+    name = extensionName
     group = "io.github.nuclick-bridge"
-    version = "0.1.0"
+    version = extensionVersion
     description = "NuClick nucleus outlines from points, through a nuclick-bridge server"
     automaticModule = "io.github.nuclickbridge.extension.nuclick"
 }
@@ -23,4 +29,10 @@ dependencies {
     testImplementation(libs.gson)
     testImplementation(libs.junit)
     testRuntimeOnly(libs.junit.platform)
+}
+
+// The release jar, named as the catalog says: build/libs/qupath-extension-nuclick-<version>.jar (the
+// conventions plugin derives the same name from qupathExtension; set here so that it cannot drift).
+tasks.jar {
+    archiveFileName = "$extensionName-$extensionVersion.jar"
 }
