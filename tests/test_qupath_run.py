@@ -18,7 +18,9 @@ from shapely.geometry import box, shape
 from bridge.connectors.qupath.images import OpenSlideReader, open_local_image
 from bridge.connectors.qupath.objects import (
     AREA_UM,
+    Marker,
     OurNucleus,
+    detection_features,
     marker_for,
     our_detections,
     our_nuclei,
@@ -169,6 +171,128 @@ def test_second_run_adds_nothing_and_replace_swaps_only_our_detections(slide):
     run(project, run_id="run-5", replace=True)
     assert gone not in {d.marker.key for d in our_detections(entry.detections)}
     assert len({d.marker.key for d in our_detections(entry.detections)}) == len(our_detections(entry.detections))
+
+
+def keys_of(features) -> dict[str, OurNucleus]:
+    nuclei = our_nuclei(features)
+    keys = {n.marker.key: n for n in nuclei}
+    assert len(keys) == len(nuclei)  # never two nuclei of ours for one point
+    return keys
+
+
+def test_the_extensions_nuclei_are_ours_and_never_duplicated(slide, tmp_path):
+    """Nuclei the QuPath extension made as annotations (marker name, point id in
+    the metadata, as QuPath 0.6 stores them) count as done; --replace replaces
+    them like our detections."""
+    _, img, xy = slide
+    clicks = [Click(float(x), float(y), f"{A}:{k + 1}", "Tumor") for k, (x, y) in enumerate(xy[0::2][:6])]
+    made = WatershedSegmenter().segment(ArrayReader(img), clicks)
+    extension = detection_features(made.results, "ext-1")
+    for feature in extension:
+        feature["properties"]["objectType"] = "annotation"
+    assert len(extension) >= 4
+    entry = make_entry(slide, annotations=[*point_annotations(xy), USER_REGION, *extension])
+    project = MemoryProject(tmp_path, [entry])
+    theirs = copy.deepcopy(entry.annotations)
+
+    report = run(project, run_id="run-1").images[0]
+    assert report.already == len(extension) and report.todo == len(xy) - len(extension)
+    annotations, detections = reopened(project, "crop")
+    assert annotations == theirs  # the extension's nuclei are kept as they are
+    nuclei = keys_of([*annotations, *detections])  # and no point got a second nucleus
+    assert len(nuclei) == len(extension) + report.detections
+    assert {n.marker.run_id for n in nuclei.values() if n.object_type == "annotation"} == {"ext-1"}
+
+    replaced = run(project, run_id="run-2", replace=True).images[0]
+    annotations, detections = reopened(project, "crop")
+    nuclei = keys_of([*annotations, *detections])
+    assert replaced.removed == len(extension) + report.detections
+    assert {(n.object_type, n.marker.run_id) for n in nuclei.values()} == {("detection", "run-2")}
+    assert annotations == theirs[:3]  # the points and the user's region; the extension's nuclei were replaced
+
+
+def delete_points(entry: MemoryEntry, keys: set[str], release: bool = False) -> None:
+    """Points deleted in QuPath, then saved: with ``release`` as the extension's
+    "remove the points that got a nucleus" does it (their nuclei lose
+    ``nuclick_point_id``, in the same edit), else as the user does it."""
+    for annotation in entry.annotations:
+        if annotation["geometry"]["type"] == "MultiPoint":
+            kept = [c for c in annotation["geometry"]["coordinates"] if point_key(*c) not in keys]
+            annotation["geometry"]["coordinates"] = kept
+    if release:
+        for nucleus in [*entry.annotations, *entry.detections]:
+            if (parse_marker(nucleus["properties"].get("name")) or Marker("", "")).key in keys:
+                del nucleus["properties"]["metadata"]["nuclick_point_id"]
+    entry.save()
+
+
+def test_replace_removes_orphans_and_keeps_released_nuclei(slide, tmp_path):
+    """The orphan rule, both ways: nuclei whose points the user deleted are
+    removed by --replace (of the selected classes); nuclei the extension
+    released, and nuclei whose points still exist but are not segmented now,
+    are kept; without --replace nothing is removed, the orphans are reported."""
+    _, _, xy = slide
+    entry = make_entry(slide, detections=[USER_DETECTION])
+    project = MemoryProject(tmp_path, [entry])
+    run(project, run_id="run-1")
+    first = keys_of(entry.detections)
+    tumor = [point_key(*p) for p in xy[0::2] if point_key(*p) in first]
+    immune = [point_key(*p) for p in xy[1::2] if point_key(*p) in first]
+    released, deleted, immune_deleted = set(tumor[:3]), set(tumor[3:6]), set(immune[:2])
+    delete_points(entry, released, release=True)
+    delete_points(entry, deleted | immune_deleted)
+
+    lines = []
+    kept = run(project, lines, run_id="run-2").images[0]
+    assert (kept.orphans, kept.removed) == (len(deleted | immune_deleted), 0)
+    assert lines[0].endswith(f"; {kept.orphans} nuclei of ours lost their points (--replace removes them)")
+    assert keys_of(reopened(project, "crop")[1]).keys() == first.keys()
+
+    tumor_run = run(project, run_id="run-3", replace=True, classes=["Tumor"]).images[0]
+    now = keys_of(reopened(project, "crop")[1])
+    assert tumor_run.removed == len(tumor) - len(released) and tumor_run.orphans == len(deleted)
+    assert deleted.isdisjoint(now)  # the user's deleted Tumor points: their nuclei are gone
+    assert {now[k].marker.run_id for k in released} == {"run-1"}  # released: kept, untouched
+    assert {now[k].marker.run_id for k in immune} == {"run-1"}  # Immune: not this run's class
+    assert {now[k].marker.run_id for k in set(tumor) - released - deleted} == {"run-3"}
+
+    run(project, run_id="run-4", replace=True)
+    now = keys_of(reopened(project, "crop")[1])
+    assert immune_deleted.isdisjoint(now) and {now[k].marker.run_id for k in released} == {"run-1"}
+    assert USER_DETECTION in reopened(project, "crop")[1]
+
+
+def test_an_image_whose_points_were_all_deleted(slide, tmp_path):
+    """Without --replace it is reported and nothing is removed (and the run
+    did nothing: non-zero exit, saying why); with --replace its orphans are
+    removed, without loading a segmenter, and the released nucleus stays."""
+    entry = make_entry(slide, detections=[USER_DETECTION])
+    project = MemoryProject(tmp_path, [entry])
+    n = run(project, run_id="run-1").images[0].detections
+    keys = list(keys_of(entry.detections))
+    delete_points(entry, {keys[0]}, release=True)
+    delete_points(entry, set(keys))
+    before = on_disk(entry)
+
+    lines = []
+    kept = run(project, lines)
+    assert kept.images[0].status == "no points" and (kept.images[0].orphans, kept.images[0].removed) == (n - 1, 0)
+    assert lines == [f"crop: no point annotations; {n - 1} nuclei of ours lost their points (--replace removes them)"]
+    assert kept.fatal_reason().endswith(
+        f"; {n - 1} nuclei of ours lost their points (run with --replace to remove them)"
+    )
+    plan = run(project, dry_run=True, replace=True).images[0]
+    assert (plan.status, plan.removed, plan.todo) == ("would write", n - 1, 0)
+    assert on_disk(entry) == before
+
+    factory, lines = Factory(), []
+    done = run_project(project, factory, RunOptions(replace=True), log=lines.append)
+    assert factory.calls == 0 and done.fatal_reason() is None
+    assert done.images[0].status == "written" and done.images[0].removed == n - 1
+    head = "crop: no points left; 0 detections written, 0 not found, 0 already done"
+    assert lines[0].startswith(f"{head}, {n - 1} earlier removed ({n - 1} orphans)")
+    _, detections = reopened(project, "crop")
+    assert list(keys_of(detections)) == [keys[0]] and USER_DETECTION in detections
 
 
 def test_dry_run_plans_and_writes_nothing(slide):
