@@ -4,7 +4,6 @@ are not projects."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -116,18 +115,15 @@ def test_without_paquo_the_error_says_what_to_install(fake_project):
     assert _qupath_in_a_fresh_process(fake_project, dict(os.environ), block_paquo=True) == NEED_PAQUO
 
 
-def test_without_a_usable_qupath_the_error_says_what_to_install_or_set(fake_project, tmp_path):
-    """Here paquo is either missing (say what to install) or finds no QuPath (say what to set): one
-    message for each case, and the installed packages decide which case this is."""
+def test_without_a_usable_qupath_the_error_says_what_to_set(fake_project, tmp_path):
+    """paquo installed, but no QuPath where PAQUO_QUPATH_DIR points: say what to set."""
+    pytest.importorskip("paquo", reason="needs paquo (pip install '.[qupath]'); without it see the test above")
     env = {**os.environ, "PAQUO_QUPATH_DIR": str(tmp_path / "no-qupath-here")}
     err = _qupath_in_a_fresh_process(fake_project, env)
-    if importlib.util.find_spec("paquo") is None:
-        assert err == NEED_PAQUO
-    else:
-        assert err.startswith("nuclick-bridge qupath: error: paquo could not start QuPath ("), err
-        assert err.endswith(
-            "; set PAQUO_QUPATH_DIR to your QuPath 0.6 folder (the one containing lib/app and lib/runtime)"
-        ), err
+    assert err.startswith("nuclick-bridge qupath: error: paquo could not start QuPath ("), err
+    assert err.endswith(
+        "; set PAQUO_QUPATH_DIR to your QuPath 0.6 folder (the one containing lib/app and lib/runtime)"
+    ), err
 
 
 def test_command_on_a_project_and_export_match_segment(crop_pair, tmp_path, capsys):
@@ -187,3 +183,18 @@ def test_command_on_a_project_and_export_match_segment(crop_pair, tmp_path, caps
     empty = MemoryProject(tmp_path, [MemoryEntry("empty.tif", tif.as_uri())])
     with pytest.raises(BridgeInputError, match="no point annotations found"):
         run_on(empty, args)
+
+    # every point deleted: reported and kept without --replace (exit 2), removed with it (exit 0)
+    entry.annotations = []
+    entry.save()
+    capsys.readouterr()
+    with pytest.raises(
+        BridgeInputError, match=r"nuclei of ours lost their points \(run with --replace to remove them\)"
+    ):
+        run_on(project, args)
+    kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (kept["orphans"], kept["removed"]) == (summary["detections"], 0) and len(entry.detections) > 0
+    args = build_parser().parse_args(["qupath", str(tmp_path), "--method", "watershed", "--replace"])
+    assert run_on(project, args) == 0
+    cleaned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cleaned["removed"] == cleaned["orphans"] == summary["detections"] and entry.detections == []

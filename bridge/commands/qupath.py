@@ -38,8 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--replace",
         action="store_true",
-        help="segment every point again and remove the detections nuclick-bridge wrote for them before "
-        "(default: skip points that already have one). Your own objects are never touched.",
+        help="segment every point again, removing the nuclei nuclick-bridge (or its QuPath extension) made for "
+        "them before, and the orphans: our nuclei whose point was deleted since (with --class, of those "
+        "classes). Nuclei whose points the extension removed on purpose are kept, and so are your own "
+        "objects. Default: skip points that already have a nucleus of ours, remove nothing.",
     )
     p.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
     add_server_options(p)
