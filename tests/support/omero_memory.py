@@ -24,7 +24,9 @@ from omero.gateway import BlitzGateway, DatasetWrapper, ImageWrapper, ProjectWra
 from omero.model import (
     DatasetI,
     ExperimenterGroupI,
+    FileAnnotationI,
     ImageI,
+    OriginalFileI,
     PixelsI,
     PixelsTypeI,
     PointI,
@@ -446,3 +448,131 @@ def point_roi(*points, description=None):
             p.setTextValue(rstring(cls))
         roi.addShape(p)
     return roi
+
+
+# ---------------------------------------------------------------- what the OMERO script adds
+
+
+class _RawFileStore:
+    """A RawFileStore: ``setFileId``, ``write`` blocks, ``save`` (the file as stored), ``close``."""
+
+    def __init__(self, conn: ScriptGateway):
+        self.conn = conn
+        self.file_id = None
+        self.closed = False
+
+    def setFileId(self, fid, ctx=None):
+        self.conn.check("setFileId")
+        if fid not in self.conn.server.files:
+            raise omero.ValidationException(message=f"OriginalFile:{fid} not found")
+        self.file_id = fid
+
+    def write(self, buf, position, length, ctx=None):
+        self.conn.check("write")
+        data = self.conn.server.file_bytes.setdefault(self.file_id, bytearray())
+        data[position : position + length] = bytes(buf[:length])
+
+    def save(self, ctx=None):
+        return copy.deepcopy(self.conn.server.files[self.file_id])
+
+    def close(self):
+        self.closed = True
+
+
+class ScriptGateway(Gateway):
+    """A BlitzGateway on the script's session: the connector's calls (:class:`Gateway`) plus what the OMERO
+    script adds to report in a CSV file: omero-py's own ``createFileAnnfromLocalFile`` (unchanged) over
+    ``saveAndReturnObject`` and a RawFileStore, ``saveObject`` of annotation links, and ``getObject`` of a
+    Dataset or Project with its group.  Writes happen in one group (never -1), as on the server; a link
+    must be in the group of its parent and of its annotation (else ``omero.SecurityViolation``)."""
+
+    createFileAnnfromLocalFile = BlitzGateway.createFileAnnfromLocalFile
+    createOriginalFileFromLocalFile = BlitzGateway.createOriginalFileFromLocalFile
+    createOriginalFileFromFileObj = BlitzGateway.createOriginalFileFromFileObj
+
+    def getObject(self, obj_type, oid, opts=None):
+        wrapper = super().getObject(obj_type, oid, opts)
+        if wrapper is not None and obj_type in ("Dataset", "Project"):
+            group = self.server.container_groups.get((obj_type, oid), GROUP)
+            if not self.server.visible(self.group(), _Grouped(group)):
+                return None
+            wrapper._obj.getDetails().setGroup(ExperimenterGroupI(group, False))
+        return wrapper
+
+    def _write_group(self, ctx) -> int:
+        group = _group(ctx)
+        if group < 0:
+            raise omero.SecurityViolation(message="cannot write with omero.group=-1: pick the object's group")
+        return group
+
+    def saveAndReturnObject(self, obj, ctx=None):
+        self.check("save")
+        group = self._write_group(ctx)
+        stored = copy.deepcopy(obj)
+        stored.setId(self.server._id())
+        stored.getDetails().setGroup(ExperimenterGroupI(group, False))
+        if isinstance(stored, OriginalFileI):
+            self.server.files[stored.getId().val] = stored
+        elif isinstance(stored, FileAnnotationI):
+            self.server.annotations[stored.getId().val] = stored
+        else:
+            raise AssertionError(f"saveAndReturnObject({type(obj).__name__}) is not a call the script makes")
+        return copy.deepcopy(stored)
+
+    def createRawFileStore(self):
+        return _RawFileStore(self)
+
+    def saveObject(self, link, ctx=None):
+        self.check("save")
+        group = self._write_group(ctx)
+        parent, child = link.getParent(), link.getChild()
+        kind = type(parent).__name__[:-1]
+        pid, aid = unwrap(parent.getId()), unwrap(child.getId())
+        if kind == "Image":
+            parent_group = self.server.images[pid].getDetails().getGroup().getId().val
+        else:
+            parent_group = self.server.container_groups.get((kind, pid), GROUP)
+        ann = self.server.annotations.get(aid)
+        if ann is None:
+            raise omero.ValidationException(message=f"FileAnnotation:{aid} not found")
+        if group != parent_group or group != ann.getDetails().getGroup().getId().val:
+            raise omero.SecurityViolation(message=f"cannot link {kind}:{pid} and FileAnnotation:{aid} in group {group}")
+        self.server.links.append((kind, pid, aid))
+
+
+class _Grouped:
+    """Something in a group, for :meth:`InMemoryOmero.visible`."""
+
+    def __init__(self, group: int):
+        self._group = group
+
+    def getDetails(self):
+        return self
+
+    def getGroup(self):
+        return self
+
+    def getId(self):
+        return rlong(self._group)
+
+
+class ScriptOmero(InMemoryOmero):
+    """The server side for the script: also files, annotations and links, and the group of each container."""
+
+    def __init__(self, tile_size=(256, 256)):
+        super().__init__(tile_size)
+        self.files: dict[int, OriginalFileI] = {}
+        self.file_bytes: dict[int, bytearray] = {}
+        self.annotations: dict[int, FileAnnotationI] = {}
+        self.links: list[tuple[str, int, int]] = []
+        self.container_groups: dict[tuple[str, int], int] = {}
+
+    def connect(self) -> ScriptGateway:
+        conn = ScriptGateway(self)
+        self.connections.append(conn)
+        return conn
+
+    def csv_text(self, aid: int) -> str:
+        """The uploaded CSV of FileAnnotation ``aid``."""
+        fid = unwrap(self.annotations[aid].getFile().getId())
+        return bytes(self.file_bytes[fid]).decode("utf-8")

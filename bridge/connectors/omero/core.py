@@ -25,7 +25,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from shapely.geometry import MultiPolygon, Polygon
@@ -212,6 +212,7 @@ class ImagePlan:
     delete: list[OurRoi] = field(default_factory=list)  # --replace: all our earlier ROIs
     leftovers: list[OurRoi] = field(default_factory=list)  # older duplicates of an interrupted --replace
     kept_ours: list[OurRoi] = field(default_factory=list)  # ours, but edited by someone: left alone
+    other_class: list[PointRecord] = field(default_factory=list)  # not of the classes asked for: left alone
 
     @property
     def to_delete(self) -> list[OurRoi]:
@@ -236,6 +237,8 @@ class ImagePlan:
             f"invalid {len(self.invalid)}",
             f"our earlier ROIs to delete {len(self.delete)}",
         ]
+        if self.other_class:
+            parts.append(f"of other classes (skipped) {len(self.other_class)}")
         if self.leftovers:
             parts.append(f"leftovers of an interrupted earlier run to delete {len(self.leftovers)}")
         return "; ".join(parts)
@@ -251,6 +254,7 @@ def plan_image(
     size_z: int = 1,
     size_t: int = 1,
     replace: bool = False,
+    classes: Collection[str] | None = None,
 ) -> ImagePlan:
     """Sort an image's points into to-do (per plane), already done and invalid.
 
@@ -258,11 +262,23 @@ def plan_image(
     ``replace`` every point is redone and our earlier ROIs are deleted, except
     ones that now hold other shapes too (someone edited them): those are kept
     and their points skipped, so nothing of the user's is ever deleted.
+    ``classes`` (None: all) keeps only the points whose text is one of them
+    (ignoring case; a point without text has no class and is left out); the
+    others go to :attr:`ImagePlan.other_class` and, with ``replace``, only our
+    ROIs of the kept points are deleted (a class filter never removes a
+    nucleus it does not redo, nor one whose point is gone).
     Without ``replace``, a point named by several of our polygon-only ROIs
     (a ``--replace`` that saved its new ROIs but could not delete the old
     ones) keeps the newest and the others become :attr:`ImagePlan.leftovers`.
     """
     plan = ImagePlan(image_id, name, width, height, size_z, size_t)
+    if classes is not None:
+        wanted = {c.strip().casefold() for c in classes}
+        chosen = [p for p in points if (p.class_name or "").strip().casefold() in wanted - {""}]
+        plan.other_class = sorted(set(points) - set(chosen), key=lambda p: p.shape_id)
+        points = chosen
+        chosen_ids = {str(p.shape_id) for p in chosen}
+        ours = [r for r in ours if r.point_id in chosen_ids or not replace]
     if replace:
         plan.delete = [r for r in ours if r.only_polygons]
         plan.kept_ours = [r for r in ours if not r.only_polygons]
@@ -362,6 +378,7 @@ class RunSummary:
     invalid: int = 0
     deleted: int = 0  # earlier ROIs the server confirmed deleted
     not_deleted: int = 0  # earlier ROIs whose delete was refused or timed out (the next run retries)
+    other_class: int = 0  # points left alone: not of the classes asked for
     to_segment: int = 0  # dry run
     errors: list[str] = field(default_factory=list)
 
@@ -370,6 +387,7 @@ class RunSummary:
         self.already_done += len(plan.done)
         self.invalid += len(plan.invalid)
         self.to_segment += plan.n_todo
+        self.other_class += len(plan.other_class)
         if plan.n_points == 0:
             self.images_without_points += 1
 
@@ -387,6 +405,8 @@ class RunSummary:
             )
             if self.not_deleted:
                 work += f", {self.not_deleted} left to delete on the next run"
+        if self.other_class:
+            work += f"; {self.other_class} point(s) of other classes left alone"
         return f"{head}{images}; {self.points} point(s): {work}; run {self.run_id}"
 
     def fatal_reason(self) -> str | None:
@@ -395,6 +415,8 @@ class RunSummary:
             return "no images to process"
         if self.images_failed == self.images:
             return f"nothing could be done: all {self.images} image(s) failed"
+        if self.points == 0 and self.other_class:
+            return f"none of the {self.other_class} point(s) found has one of the classes asked for"
         if self.points == 0 and not self.images_failed:
             return (
                 f"no Point ROIs found in {self.images} image(s); place one Point per nucleus "

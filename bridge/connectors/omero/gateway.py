@@ -34,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import Ice
@@ -243,6 +243,21 @@ def delete_rois(conn: Any, ids: Sequence[int], timeout_s: float) -> None:
 
 # ---------------------------------------------------------------- the run
 
+# The counters of RunSummary that an image adds to: an image's outcome is what it added.
+OUTCOME_COUNTS = ("points", "to_segment", "written", "already_done", "not_found", "invalid", "other_class", "deleted")
+
+
+@dataclass
+class ImageOutcome:
+    """One image of a run, for a per-image report (the OMERO script's CSV):
+    what this image added to the summary's counts, and its error if it failed."""
+
+    image_id: int
+    name: str = ""
+    status: str = "ok"  # ok, failed, no points
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str = ""
+
 
 def describe_error(exc: BaseException) -> str:
     """One line for an error from the server (omero exceptions print as multi-line dumps)."""
@@ -280,6 +295,7 @@ class OmeroRun:
         reconnect: Callable[[], Any] | None = None,
         report: Callable[[str], None] | None = None,
         delete_timeout: float = DEFAULT_DELETE_TIMEOUT_S,
+        classes: Collection[str] | None = None,
     ) -> None:
         if segmenter is None and not dry_run:
             raise ValueError("a segmenter is needed unless dry_run")
@@ -296,6 +312,9 @@ class OmeroRun:
         self.reconnect = reconnect
         self.report = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.summary = RunSummary(run_id=run_id or new_run_id(), dry_run=dry_run)
+        self.classes = None if classes is None else tuple(classes)
+        self.outcomes: list[ImageOutcome] = []  # one per image, in order
+        self._name = ""  # the name of the image being processed, once read
 
     # -- whole run
 
@@ -304,6 +323,9 @@ class OmeroRun:
         for k, iid in enumerate(ids):
             s.images += 1
             self._left = "nothing was written"
+            self._name = ""
+            before = {c: getattr(s, c) for c in OUTCOME_COUNTS}
+            n_errors = len(s.errors)
             try:
                 self.process_image(int(iid))
                 s.images_ok += 1
@@ -316,6 +338,7 @@ class OmeroRun:
                 try:
                     self._recover()
                 except ConnectionLost as lost:
+                    self._outcome(int(iid), before, n_errors)
                     rest = [int(i) for i in ids[k + 1 :]]
                     if rest:
                         s.images += len(rest)
@@ -323,13 +346,24 @@ class OmeroRun:
                         msg = f"{lost}; {len(rest)} image(s) not processed: {', '.join(map(str, rest))}"
                         s.errors.append(msg)
                         self.report(f"error: {msg}")
+                        for i in rest:
+                            self.outcomes.append(ImageOutcome(i, status="failed", error=lost.args[0]))
                     break
             except Ice.Exception as exc:  # the server refused (permissions, validation, ...)
                 self._failed(iid, f"the server refused: {describe_error(exc)}; {self._left}")
             except Exception as exc:  # the model (out of memory, ...), the segmentation server, a bug
                 log.debug("image %s failed", iid, exc_info=True)
                 self._failed(iid, f"{type(exc).__name__}: {describe_error(exc)}; {self._left}")
+            self._outcome(int(iid), before, n_errors)
         return s
+
+    def _outcome(self, iid: int, before: dict[str, int], n_errors: int) -> None:
+        s = self.summary
+        counts = {c: getattr(s, c) - before[c] for c in OUTCOME_COUNTS}
+        errors = s.errors[n_errors:]
+        status = "failed" if errors else ("no points" if not counts["points"] + counts["other_class"] else "ok")
+        error = "; ".join(e.removeprefix(f"image {iid}: ") for e in errors)
+        self.outcomes.append(ImageOutcome(iid, self._name, status, counts, error))
 
     def _failed(self, iid: int, msg: str) -> None:
         self.summary.images_failed += 1
@@ -357,10 +391,20 @@ class OmeroRun:
 
     def plan(self, iid: int) -> tuple[Any, ImagePlan]:
         info = load_image(self.conn, iid)
+        self._name = info.name
         result = self.conn.getRoiService().findByImage(info.id, None, self.conn.SERVICE_OPTS)
         points, ours = records_from_rois(result.rois or [])
         plan = plan_image(
-            info.id, info.name, info.width, info.height, points, ours, info.size_z, info.size_t, self.replace
+            info.id,
+            info.name,
+            info.width,
+            info.height,
+            points,
+            ours,
+            info.size_z,
+            info.size_t,
+            self.replace,
+            classes=self.classes,
         )
         return info, plan
 
