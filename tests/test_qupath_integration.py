@@ -117,3 +117,75 @@ def test_qupath_project_round_trip(monuseg_pair, tmp_path, capsys):
     exported = json.loads(out.read_text())
     assert len(exported["features"]) == len(replaced)
     assert {"objectType", "classification", "measurements", "nuclick"} <= set(exported["features"][0]["properties"])
+
+
+def test_real_qupath_keeps_our_metadata_and_the_orphan_rule_holds(monuseg_pair, tmp_path, capsys):
+    """With real QuPath 0.6: the extension's annotation nuclei count as ours (no
+    duplicates), QuPath keeps our metadata on detections, --replace removes the
+    orphans and keeps a released nucleus, and dropping unsaved changes
+    (``setHierarchy(readHierarchy())``) restores the hierarchy."""
+    from paquo.classes import QuPathPathClass
+    from paquo.images import QuPathImageType
+    from paquo.projects import QuPathProject
+    from shapely.geometry import MultiPoint
+
+    from bridge.connectors.qupath.objects import detection_features, our_nuclei
+    from bridge.connectors.qupath.paquo import open_project
+    from bridge.evaluation.watershed import WatershedSegmenter
+    from bridge.io.imageio import ArrayReader
+    from bridge.results import Click
+
+    img, lab = monuseg_pair
+    img, lab = np.ascontiguousarray(img[:512, :512]), lab[:512, :512]
+    tif = tmp_path / "slide.tif"
+    tifffile.imwrite(tif, img, tile=(128, 128), photometric="rgb", compression="zlib")
+    xy, _ = simulate_clicks(lab, jitter=3, seed=0)
+    project_dir = tmp_path / "project"
+    with QuPathProject(project_dir, mode="x") as qp:
+        entry = qp.add_image(tif, image_type=QuPathImageType.BRIGHTFIELD_H_E)
+        ids = {}
+        for k, cls in enumerate(CLASSES):
+            ann = entry.hierarchy.add_annotation(MultiPoint(xy[k::2].tolist()), path_class=QuPathPathClass(cls))
+            ids[cls] = str(ann.java_object.getID())
+        tumor = [Click(float(x), float(y), f"{ids['Tumor']}:{k + 1}", "Tumor") for k, (x, y) in enumerate(xy[0::2][:5])]
+        extension = detection_features(WatershedSegmenter().segment(ArrayReader(img), tumor).results, "ext-1")
+        for feature in extension:
+            feature["properties"]["objectType"] = "annotation"
+        entry.hierarchy.load_geojson(extension, raise_on_skip=True)
+
+    assert main(["qupath", str(project_dir), "--method", "watershed"]) == 0
+    first = last_json(capsys)
+    assert first["already_done"] == len(extension) > 0
+    annotations, detections = read_back(project_dir)
+    nuclei = our_nuclei([*annotations, *detections])
+    assert len({n.marker.key for n in nuclei}) == len(nuclei) == len(extension) + first["detections"]
+    assert all(n.point_id == ids[n.class_name] for n in nuclei)  # metadata kept on detections and annotations
+
+    # drop unsaved changes: the hierarchy read back from disk replaces the changed one
+    project = open_project(project_dir, readonly=False)
+    (paquo_entry,) = project.entries()
+    before = paquo_entry.read_objects()
+    paquo_entry.remove_objects([n.id for n in nuclei[:3]])
+    assert paquo_entry.read_objects() != before
+    paquo_entry.discard_changes()
+    assert paquo_entry.read_objects() == before
+
+    # release one Tumor nucleus (as the extension does), then delete every point annotation
+    released = next(n for n in nuclei if n.class_name == "Tumor" and n.object_type == "detection")
+    with QuPathProject(project_dir, mode="r+") as qp:
+        hierarchy = qp.images[0].hierarchy
+        for obj in hierarchy.java_object.getAllObjects(False):
+            if str(obj.getID()) == released.id:
+                obj.getMetadata().remove("nuclick_point_id")
+            elif str(obj.getID()) in ids.values():
+                hierarchy.java_object.removeObject(obj, True)
+        hierarchy.flush(invalidate_proxy_cache=True)
+
+    assert main(["qupath", str(project_dir), "--method", "watershed"]) == 2  # reported, nothing removed
+    kept = last_json(capsys)
+    assert (kept["orphans"], kept["removed"]) == (len(nuclei) - 1, 0)
+    assert main(["qupath", str(project_dir), "--method", "watershed", "--replace"]) == 0
+    cleaned = last_json(capsys)
+    assert cleaned["removed"] == len(nuclei) - 1
+    annotations, detections = read_back(project_dir)
+    assert [n.id for n in our_nuclei([*annotations, *detections])] == [released.id]
