@@ -18,7 +18,7 @@ import pytest
 import tifffile
 
 from bridge.cli import main
-from bridge.connectors.qupath.objects import our_detections, parse_marker, point_key
+from bridge.connectors.qupath.objects import our_nuclei, parse_marker, point_key
 from bridge.evaluation.clicks import simulate_clicks
 
 pytestmark = pytest.mark.qupath
@@ -109,7 +109,7 @@ def test_qupath_project_round_trip(monuseg_pair, tmp_path, capsys):
     third = last_json(capsys)
     annotations, replaced = read_back(project_dir)
     assert annotations == annotations_before and len(replaced) == len(detections)
-    assert {d.marker.run_id for d in our_detections(replaced)} == {third["run_id"]}
+    assert {d.marker.run_id for d in our_nuclei(replaced)} == {third["run_id"]}
 
     # export, in the format 'segment' writes
     out = tmp_path / "slide.geojson"

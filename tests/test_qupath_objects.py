@@ -24,7 +24,6 @@ from bridge.connectors.qupath.objects import (
     extract_points,
     marker_for,
     new_run_id,
-    our_detections,
     our_nuclei,
     parse_marker,
     point_index,
@@ -175,7 +174,6 @@ def test_our_nuclei_are_found_by_marker_as_detections_and_annotations():
         (ids[2], "30.000,30.000", "Tumor", None, "annotation"),
         (ids[3], "40.000,40.000", "Tumor", POINTS_A, "detection"),
     ]
-    assert our_detections is our_nuclei
 
 
 def test_orphan_rule():
@@ -285,7 +283,7 @@ def test_what_qupath_keeps_still_carries_the_marker_and_exports_like_segment(seg
     features = detection_features(seg.results, "r1", Calibration(0.5, 0.5))
     stored = [as_stored_by_qupath(f) for f in features]  # QuPath drops our extra 'nuclick' property
     assert all("nuclick" not in f["properties"] for f in stored)
-    assert len(our_detections(stored)) == len(features)
+    assert len(our_nuclei(stored)) == len(features)
     collection = export_collection(stored)
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == len(features)
     first, source = collection["features"][0], seg.results[0]

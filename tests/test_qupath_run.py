@@ -22,7 +22,6 @@ from bridge.connectors.qupath.objects import (
     OurNucleus,
     detection_features,
     marker_for,
-    our_detections,
     our_nuclei,
     parse_marker,
     point_key,
@@ -156,21 +155,21 @@ def test_second_run_adds_nothing_and_replace_swaps_only_our_detections(slide):
     replaced = run(project, run_id="run-3", replace=True)
     assert replaced.images[0].removed == n
     assert USER_DETECTION["id"] in {d["id"] for d in entry.detections}
-    ours = our_detections(entry.detections)
+    ours = our_nuclei(entry.detections)
     assert len(ours) == replaced.images[0].detections and {d.marker.run_id for d in ours} == {"run-3"}
 
     # --class with --replace: only that class is redone
     run(project, run_id="run-4", replace=True, classes=["Tumor"])
-    runs = {d.class_name: d.marker.run_id for d in our_detections(entry.detections)}
+    runs = {d.class_name: d.marker.run_id for d in our_nuclei(entry.detections)}
     assert runs == {"Tumor": "run-4", "Immune cells": "run-3"}
 
     # a point the user deleted: --replace removes its nucleus too
     entry.annotations[0]["geometry"]["coordinates"] = entry.annotations[0]["geometry"]["coordinates"][1:]
     gone = point_key(*xy[0])
-    assert gone in {d.marker.key for d in our_detections(entry.detections)}
+    assert gone in {d.marker.key for d in our_nuclei(entry.detections)}
     run(project, run_id="run-5", replace=True)
-    assert gone not in {d.marker.key for d in our_detections(entry.detections)}
-    assert len({d.marker.key for d in our_detections(entry.detections)}) == len(our_detections(entry.detections))
+    assert gone not in {d.marker.key for d in our_nuclei(entry.detections)}
+    assert len({d.marker.key for d in our_nuclei(entry.detections)}) == len(our_nuclei(entry.detections))
 
 
 def keys_of(features) -> dict[str, OurNucleus]:

@@ -235,9 +235,6 @@ class OurNucleus:
         return self.point_id is not None and (self.point_id, self.marker.key) not in points
 
 
-OurDetection = OurNucleus  # the name before annotations counted too
-
-
 def our_nuclei(features: Iterable[dict]) -> list[OurNucleus]:
     """The detections and annotations carrying our marker; everything else is the user's."""
     out = []
@@ -260,9 +257,6 @@ def our_nuclei(features: Iterable[dict]) -> list[OurNucleus]:
             OurNucleus(str(raw_id) if raw_id is not None else None, marker, class_name_of(props), point_id, kind)
         )
     return out
-
-
-our_detections = our_nuclei
 
 
 # -------------------------------------------------------------- calibration
