@@ -129,7 +129,7 @@ def test_real_qupath_keeps_our_metadata_and_the_orphan_rule_holds(monuseg_pair, 
     from paquo.projects import QuPathProject
     from shapely.geometry import MultiPoint
 
-    from bridge.connectors.qupath.objects import detection_features, our_nuclei
+    from bridge.connectors.qupath.objects import detection_features
     from bridge.connectors.qupath.paquo import open_project
     from bridge.evaluation.watershed import WatershedSegmenter
     from bridge.io.imageio import ArrayReader
