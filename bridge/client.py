@@ -479,9 +479,42 @@ class NuClickClient:
         ``masks`` are not sent back, so all None) as the in-process engine
         gives on the whole image, also at tile borders, whichever replica
         answers which tile."""
+        from bridge.nuclick.segmentation import Segmentation
+
+        clicks = list(clicks)
+        results: list[NucleusResult | None] = [None] * len(clicks)
+        tiles = self.iter_tiled(
+            reader,
+            clicks,
+            max_tile=max_tile,
+            simplify_tolerance=simplify_tolerance,
+            progress=progress,
+            concurrency=concurrency,
+        )
+        for k, r in tiles:
+            results[k] = r
+        assert all(r is not None for r in results)
+        return Segmentation(results, [None] * len(clicks))  # type: ignore[arg-type]
+
+    def iter_tiled(
+        self,
+        reader: RegionReader,
+        clicks: Sequence[Click],
+        *,
+        max_tile: int = DEFAULT_MAX_TILE,
+        simplify_tolerance: float | None = None,
+        progress: bool = False,
+        concurrency: int | None = None,
+    ) -> Iterator[tuple[int, NucleusResult]]:
+        """:meth:`segment_tiled`'s results as tiles complete: ``(click index,
+        result)``, one per click, in no fixed order.  Nothing is kept per
+        click once yielded, and only ``concurrency`` tiles' pixels are in
+        memory at once, so a slide with any number of clicks runs in bounded
+        memory (each tile's answer is final: the server resolves its overlaps
+        against the context clicks sent with it)."""
         from tqdm import tqdm
 
-        from bridge.nuclick.segmentation import Segmentation, check_finite, outside_reasons
+        from bridge.nuclick.segmentation import check_finite, outside_reasons
 
         clicks = list(clicks)
         check_finite(clicks)
@@ -496,10 +529,8 @@ class NuClickClient:
             max_tile,
             int(info.limits["max_clicks_per_request"]),
         )
-        reasons = outside_reasons(clicks, reader.width, reader.height)
-        results: list[NucleusResult | None] = [None] * len(clicks)
-        for k, why in reasons.items():
-            results[k] = NucleusResult(click=clicks[k], found=False, reason=why)
+        for k, why in sorted(outside_reasons(clicks, reader.width, reader.height).items()):
+            yield k, NucleusResult(click=clicks[k], found=False, reason=why)
 
         def job(plan: TilePlan) -> TileJob:
             def pixels(plan=plan) -> np.ndarray:
@@ -518,14 +549,14 @@ class NuClickClient:
 
         bar = tqdm(total=len(plans), desc="tiles", unit="tile", disable=not progress, leave=False)
         tiles = self.segment_parallel(map(job, plans), concurrency=concurrency, simplify_tolerance=simplify_tolerance)
-        for i, tile_results in tiles:
-            for k, r in zip(plans[i].members, tile_results, strict=True):
-                r.click = clicks[k]
-                results[k] = r
-            bar.update(1)
-        bar.close()
-        assert all(r is not None for r in results)
-        return Segmentation(results, [None] * len(clicks))  # type: ignore[arg-type]
+        try:
+            for i, tile_results in tiles:
+                for k, r in zip(plans[i].members, tile_results, strict=True):
+                    r.click = clicks[k]
+                    yield k, r
+                bar.update(1)
+        finally:
+            bar.close()
 
     def health(self, timeout: float = 5.0) -> str:
         """The gRPC health status of the NuClick service ("SERVING", ...)."""
@@ -707,6 +738,23 @@ class RemoteSegmenter:
         return self.client.segment_tiled(
             reader, clicks, max_tile=max_tile, simplify_tolerance=self.tolerance, progress=progress
         )
+
+    def iter_tiled(
+        self,
+        reader: RegionReader,
+        clicks: Sequence[Click],
+        max_tile: int = DEFAULT_MAX_TILE,
+        progress: bool = False,
+        with_masks: bool = False,
+    ) -> Iterator[tuple[int, NucleusResult, None]]:
+        """As the engine's: ``(click index, result, None)`` as tiles complete
+        (no masks come back from a server), in bounded memory."""
+        max_tile = max(int(max_tile), 4 * self.client.info().patch_size)
+        tiles = self.client.iter_tiled(
+            reader, clicks, max_tile=max_tile, simplify_tolerance=self.tolerance, progress=progress
+        )
+        for k, r in tiles:
+            yield k, r, None
 
     def close(self) -> None:
         self.client.close()

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from bridge.commands.common import make_segmenter
 from bridge.errors import BridgeInputError
-from bridge.io.geojson import check_writable, write_geojson
+from bridge.io.geojson import GeoJsonSpool, check_writable
 from bridge.io.imageio import open_image
 from bridge.io.points import read_points, validate_clicks
+from bridge.results import NucleusResult
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,13 +23,19 @@ def run(args: argparse.Namespace) -> int:
         raise BridgeInputError("--tolerance must be >= 0")
     clicks = read_points(args.points)
     t0 = time.perf_counter()
+    missing: list[tuple[int, NucleusResult]] = []
     with open_image(args.image) as reader:
         validate_clicks(clicks, reader.width, reader.height)
         segmenter = make_segmenter(args)
-        seg = segmenter.segment_tiled(reader, clicks, progress=sys.stderr.isatty())
-    n = write_geojson(out, seg.results)
-    missing = [r for r in seg.results if not r.found]
-    for r in missing:
+        # Results are spooled to --out as they become final: memory stays bounded
+        # by the tiles in flight, whatever the number of clicks.
+        with GeoJsonSpool(out, len(clicks)) as spool:
+            for k, r, _ in segmenter.iter_tiled(reader, clicks, progress=sys.stderr.isatty()):
+                if not spool.add(k, r):
+                    missing.append((k, r))
+            n = spool.commit()
+    missing.sort(key=lambda item: item[0])
+    for _, r in missing:
         c = r.click
         print(f"not found: click {c.id} at ({c.x:.1f}, {c.y:.1f}): {r.reason}", file=sys.stderr)
     summary = {

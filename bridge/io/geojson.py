@@ -18,9 +18,9 @@ import math
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from shapely.geometry import mapping
 
@@ -129,8 +129,10 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
         raise BridgeInputError(f"cannot write {flag} {path}: {exc.strerror or exc} in {directory}") from None
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+@contextlib.contextmanager
+def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that becomes ``path`` only when the block ends without an
+    error: readers see the old file or the new one, never half.
 
     Temp file in the same directory (same filesystem), fsync, then
     ``os.replace``; on any failure the temp file is removed and the target is
@@ -142,7 +144,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         # mkstemp makes 0600; give the file the mode a plain open() would have.
@@ -165,9 +167,79 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.close(dir_fd)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as fh:
+        fh.write(data)
+
+
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
     """:func:`atomic_write_bytes` for text."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+class GeoJsonSpool:
+    """A FeatureCollection written as results arrive, in any order, and laid
+    out in click order when committed: what :func:`write_geojson` writes, but
+    holding no nucleus in memory.
+
+    Why: a whole slide can carry tens of thousands of clicks, and results come
+    back tile by tile.  Each feature is serialised at once into an unlinked
+    spool file beside ``path``; only its offset is kept (16 bytes a click).
+    :meth:`commit` copies the features, in click order, into ``path``
+    atomically; until then ``path`` is untouched.
+    """
+
+    def __init__(self, path: str | Path, n_clicks: int, object_type: str = "detection") -> None:
+        import numpy as np
+
+        if object_type not in OBJECT_TYPES:
+            raise ValueError(f"object_type must be one of {OBJECT_TYPES}, not {object_type!r}")
+        self.path = Path(path)
+        self.object_type = object_type
+        directory = self.path.parent if str(self.path.parent) else Path(".")
+        spool = tempfile.TemporaryFile(dir=directory, prefix=f".{self.path.name}.", suffix=".spool")  # noqa: SIM115
+        self._spool = spool  # closed by commit() or close()
+        self._offset = np.full(n_clicks, -1, dtype=np.int64)
+        self._length = np.zeros(n_clicks, dtype=np.int64)
+        self.count = 0
+
+    def add(self, k: int, result: NucleusResult) -> bool:
+        """Spool click ``k``'s nucleus; False (nothing written) when it was not found."""
+        if not result.found:
+            return False
+        if self._offset[k] >= 0:
+            raise ValueError(f"click {k} was written twice")
+        data = json.dumps(result_to_feature(result, self.object_type), allow_nan=False).encode("utf-8")
+        self._offset[k] = self._spool.seek(0, os.SEEK_END)
+        self._length[k] = len(data)
+        self._spool.write(data)
+        self.count += 1
+        return True
+
+    def commit(self) -> int:
+        """Write ``path`` (atomically, features in click order); the feature count."""
+        import numpy as np
+
+        with atomic_writer(self.path) as fh:
+            fh.write(b'{"type": "FeatureCollection", "features": [')
+            for n, k in enumerate(np.flatnonzero(self._offset >= 0)):
+                if n:
+                    fh.write(b", ")
+                self._spool.seek(int(self._offset[k]))
+                fh.write(self._spool.read(int(self._length[k])))
+            fh.write(b"]}\n")
+        self.close()
+        return self.count
+
+    def close(self) -> None:
+        self._spool.close()
+
+    def __enter__(self) -> GeoJsonSpool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_geojson(
@@ -177,6 +249,12 @@ def write_geojson(
     indent: int | None = None,
 ) -> int:
     """Write found nuclei as a QuPath-importable FeatureCollection; returns the feature count."""
+    if indent is None:  # streamed: one feature in memory at a time
+        results = results if isinstance(results, Sequence) else list(results)
+        with GeoJsonSpool(path, len(results), object_type) as spool:
+            for k, r in enumerate(results):
+                spool.add(k, r)
+            return spool.commit()
     collection = results_to_feature_collection(results, object_type)
     text = json.dumps(collection, indent=indent, allow_nan=False)
     atomic_write_text(path, text + "\n")

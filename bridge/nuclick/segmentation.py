@@ -16,7 +16,7 @@ from bridge.io.coords import patch_origin, pixel_of
 from bridge.io.imageio import RegionReader
 from bridge.nuclick.polygons import mask_to_polygon
 from bridge.nuclick.postprocess import MIN_OBJECT_PX, PatchMask, resolve_overlaps
-from bridge.nuclick.tiling import DEFAULT_MAX_TILE, guidance_reach, iter_tiles, plan_tiles
+from bridge.nuclick.tiling import DEFAULT_MAX_TILE, OverlapStream, guidance_reach, iter_tiles, plan_tiles
 from bridge.results import Click, NucleusResult
 
 
@@ -53,16 +53,24 @@ def build_results(
     results = []
     final: list[PatchMask | None] = []
     for k, (click, pm) in enumerate(zip(clicks, masks, strict=True)):
-        if k in reasons or pm is None or not pm.mask.any():
-            reason = reasons.get(k, "no nucleus found at this click (mask empty after post-processing)")
-            results.append(NucleusResult(click=click, found=False, reason=reason))
+        if k in reasons:
+            results.append(NucleusResult(click=click, found=False, reason=reasons[k]))
             final.append(None)
             continue
-        poly = mask_to_polygon(pm.mask, pm.origin, tolerance)
-        score = float(pm.prob[pm.mask].mean())
-        results.append(NucleusResult(click=click, found=True, polygon=poly, area_px=float(poly.area), score=score))
-        final.append(pm)
+        result = nucleus_result(click, pm, tolerance)
+        results.append(result)
+        final.append(pm if result.found else None)
     return Segmentation(results, final)
+
+
+def nucleus_result(click: Click, pm: PatchMask | None, tolerance: float) -> NucleusResult:
+    """The polygon and score of one click's final mask, or why there is none."""
+    if pm is None or not pm.mask.any():
+        reason = "no nucleus found at this click (mask empty after post-processing)"
+        return NucleusResult(click=click, found=False, reason=reason)
+    poly = mask_to_polygon(pm.mask, pm.origin, tolerance)
+    score = float(pm.prob[pm.mask].mean())
+    return NucleusResult(click=click, found=True, polygon=poly, area_px=float(poly.area), score=score)
 
 
 def outside_reasons(clicks: list[Click], width: int, height: int) -> dict[int, str]:
@@ -176,12 +184,39 @@ class PatchSegmenter:
         """Same answer as :meth:`segment`, but the pixels are read once per tile
         of nearby clicks (see ``bridge.nuclick.tiling``), for whole-slide images."""
         clicks = list(clicks)
+        results: list[NucleusResult | None] = [None] * len(clicks)
+        masks: list[PatchMask | None] = [None] * len(clicks)
+        for k, result, pm in self.iter_tiled(reader, clicks, max_tile, progress, with_masks=True):
+            results[k], masks[k] = result, pm
+        return Segmentation(results, masks)  # type: ignore[arg-type]
+
+    def iter_tiled(
+        self,
+        reader: RegionReader,
+        clicks: Sequence[Click],
+        max_tile: int = DEFAULT_MAX_TILE,
+        progress: bool = False,
+        with_masks: bool = False,
+    ) -> Iterator[tuple[int, NucleusResult, PatchMask | None]]:
+        """:meth:`segment_tiled`'s results as they become final, in no fixed
+        order: ``(click index, result, final mask or None)``, one per click.
+
+        Memory is bounded by the tiles in flight, not by the number of clicks:
+        overlaps are resolved as the masks arrive (``bridge.nuclick.tiling.OverlapStream``),
+        and a mask is kept only while a neighbour still needs it.  ``with_masks``
+        False yields None for every mask, so nothing per nucleus need be kept."""
+        clicks = list(clicks)
         check_finite(clicks)
         reasons = outside_reasons(clicks, reader.width, reader.height)
+        for k, why in sorted(reasons.items()):
+            yield k, NucleusResult(click=clicks[k], found=False, reason=why), None
         tiles = plan_tiles(clicks, reader.width, reader.height, self.patch_size, self.guidance_sigma, max_tile)
-        masks: dict[int, PatchMask] = {}
+        stream = OverlapStream(clicks, [k for t in tiles for k in t.members], self.patch_size, self.min_size)
         for tile, tile_reader in iter_tiles(reader, tiles, progress):
             local = [clicks[k] for k in tile.members + tile.context]
             for j, pm in self.iter_patches(tile_reader, local, range(len(tile.members))):
-                masks[tile.members[j]] = pm
-        return self.finish(clicks, masks, reasons)
+                for k, final in stream.add(tile.members[j], pm):
+                    result = nucleus_result(clicks[k], final, self.tolerance)
+                    yield k, result, (final if with_masks and result.found else None)
+        if stream.pending():  # pragma: no cover - every planned click gets a mask
+            raise RuntimeError(f"clicks {stream.pending()[:5]} never got their neighbours' masks")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from bridge.io.coords import patch_origin
 from bridge.io.imageio import RegionReader, WindowedReader
+from bridge.nuclick.postprocess import PatchMask, keep_seed_component
 from bridge.results import Click
 
 DEFAULT_MAX_TILE = 2048
@@ -106,3 +107,98 @@ def iter_tiles(reader: RegionReader, tiles: Sequence[Tile], progress: bool = Fal
     for tile in tqdm(tiles, desc="tiles", unit="tile", disable=not progress, leave=False):
         pixels = reader.read_region(tile.x0, tile.y0, tile.width, tile.height)
         yield tile, TileReader(pixels, (tile.x0, tile.y0), reader.width, reader.height)
+
+
+class OverlapStream:
+    """Overlap resolution done as the masks arrive, so that a whole-slide run
+    holds only the masks still waiting for a neighbour, not one per click.
+
+    Why it gives exactly :func:`bridge.nuclick.postprocess.resolve_overlaps`'s
+    answer: a nucleus's final mask depends only on its own raw mask and on the
+    raw masks of the nuclei whose windows intersect it, and two windows can
+    only intersect when the clicks' patches overlap.  So a nucleus is final
+    as soon as every click whose patch overlaps its patch has a raw mask, and
+    a raw mask can be dropped once each of those neighbours is final.
+    Pixels claimed by two nuclei go to the higher probability, ties to the
+    lower click index, as in ``resolve_overlaps``.
+
+    ``expected``: indices of the clicks that will get a mask (the on-image
+    ones); :meth:`add` returns the ``(index, final PatchMask)`` pairs it made final.
+    """
+
+    def __init__(
+        self,
+        clicks: Sequence[Click],
+        expected: Sequence[int],
+        patch_size: int,
+        min_size: int,
+    ) -> None:
+        self.min_size = min_size
+        expected = sorted(int(k) for k in expected)
+        self._neighbours: dict[int, list[int]] = {}
+        if expected:
+            xy = np.array([[clicks[k].x, clicks[k].y] for k in expected], dtype=np.float64)
+            origins = np.array([patch_origin(x, y, patch_size) for x, y in xy], dtype=np.float64)
+            # Patches overlap iff their origins differ by less than a patch in x and y.
+            tree = cKDTree(origins)
+            for a, found in enumerate(tree.query_ball_point(origins, r=patch_size - 0.5, p=np.inf)):
+                self._neighbours[expected[a]] = sorted(expected[b] for b in found if b != a)
+        self._raw: dict[int, PatchMask] = {}  # index -> cropped raw PatchMask, while a neighbour may need it
+        self._waiting: dict[int, int] = {k: len(n) + 1 for k, n in self._neighbours.items()}  # raw masks missing
+        self._unfinished: dict[int, int] = {k: len(n) + 1 for k, n in self._neighbours.items()}  # not final yet
+
+    @property
+    def held(self) -> int:
+        """Raw masks held now (what bounds memory)."""
+        return len(self._raw)
+
+    def add(self, k: int, pm: PatchMask) -> list[tuple[int, PatchMask]]:
+        """Take click ``k``'s raw (uncropped) mask; the nuclei that became final."""
+        if k not in self._neighbours or k in self._raw:
+            raise ValueError(f"click {k} was not expected or came twice")
+        self._raw[k] = pm.cropped()
+        done = []
+        for j in (k, *self._neighbours[k]):
+            self._waiting[j] -= 1
+            if self._waiting[j] == 0:
+                done.append((j, self._final(j)))
+        for j, _ in done:
+            for i in (j, *self._neighbours[j]):
+                self._unfinished[i] -= 1
+                if self._unfinished[i] == 0:
+                    del self._raw[i]
+                    del self._unfinished[i]
+        for j, _ in done:
+            del self._waiting[j]
+        return done
+
+    def _final(self, k: int) -> PatchMask:
+        it = self._raw[k]
+        ax0, ay0, ax1, ay1 = it.box()
+        lost = None
+        for j in self._neighbours[k]:
+            other = self._raw[j]
+            bx0, by0, bx1, by1 = other.box()
+            x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            ra = (slice(y0 - ay0, y1 - ay0), slice(x0 - ax0, x1 - ax0))
+            rb = (slice(y0 - by0, y1 - by0), slice(x0 - bx0, x1 - bx0))
+            both = it.mask[ra] & other.mask[rb]
+            if not both.any():
+                continue
+            pa, pb = it.prob[ra], other.prob[rb]
+            wins = (pa > pb) | ((pa == pb) & (k < j))
+            if lost is None:
+                lost = np.zeros_like(it.mask)
+            lost[ra] |= both & ~wins
+        if lost is None or not lost.any():
+            return it
+        kept = keep_seed_component(it.mask & ~lost, it.seed)
+        if kept.sum() < self.min_size:
+            kept = np.zeros_like(kept)
+        return PatchMask(it.origin, kept, it.prob, it.seed)
+
+    def pending(self) -> list[int]:
+        """Clicks still waiting for a neighbour's mask (empty after the last tile)."""
+        return sorted(self._waiting)
