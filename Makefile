@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[engine,test]"
 	touch $@
 
 run: install
@@ -29,7 +29,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint install-omero java-test deploy-deps
+test: lint install-omero java-test deploy-deps test-no-torch
 	$(BIN)/python -m pytest -q
 
 bench: install
@@ -72,3 +72,23 @@ java-test: java-deps
 .PHONY: deploy-deps
 deploy-deps:
 	bash scripts/install_nginx.sh
+
+# The install without torch (no `engine` extra): what a machine that only talks to a NuClick server
+# needs, such as the OMERO server for the OMERO.web script.  `install-client` makes it in
+# $(CLIENT_VENV) with omero-py (zeroc-ice from the wheel cache above); `test-no-torch` runs
+# `segment --server` and the OMERO script there against a server in the main venv.  The client
+# venv also gets pytest, because the script's in-memory OMERO (tests/support) imports test helpers.
+CLIENT_VENV ?= .venv-client
+.PHONY: install-client test-no-torch
+
+install-client: $(CLIENT_VENV)/.installed
+
+$(CLIENT_VENV)/.installed: pyproject.toml scripts/build_zeroc_ice.py
+	test -x $(CLIENT_VENV)/bin/python || $(PY) -m venv $(CLIENT_VENV)
+	nice -n 10 $(CLIENT_VENV)/bin/python scripts/build_zeroc_ice.py --wheel-dir $(WHEELS) --install
+	! $(CLIENT_VENV)/bin/python -c "import torch" 2>/dev/null
+	touch $@
+
+test-no-torch: install $(CLIENT_VENV)/.installed
+	$(CLIENT_VENV)/bin/pip install -q "pytest>=7.4"
+	NB_CLIENT_PYTHON=$(CLIENT_VENV)/bin/python $(BIN)/python -m pytest -q tests/test_no_torch.py

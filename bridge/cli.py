@@ -17,6 +17,10 @@ from bridge.errors import BridgeInputError
 
 EXIT_INPUT = 2
 EXIT_INTERNAL = 1
+# Packages only the `engine` extra installs: a command that segments in this process without
+# them says so in one line (a client-only install has none of them, see pyproject.toml).
+ENGINE_MODULES = frozenset({"torch", "grpc_reflection", "prometheus_client"})
+ENGINE_HINT = "this needs the engine extra: pip install 'nuclick-bridge[engine]' (or segment on a server with --server)"
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -215,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="random seed of the initial weights, patch order, clicks and augmentations (default: 0); "
         "when fine-tuning with --init, a new seed draws different samples from the previous run",
     )
-    add_device_options(p)
+    add_device_options(p, inference=False)
     p.set_defaults(handler="bridge.commands.train:run")
     p = sub.add_parser(
         "serve",
@@ -292,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] in ENGINE_MODULES:
+            print(f"nuclick-bridge {args.command}: error: {ENGINE_HINT} (no module {exc.name!r})", file=sys.stderr)
+            return EXIT_INPUT
         print(
             f"nuclick-bridge {args.command}: internal error: {type(exc).__name__}: {exc} "
             "(run with --debug for details)",

@@ -7,12 +7,17 @@ as the class); ROIs whose description carries our marker become
 :class:`~bridge.connectors.omero.core.PolygonSpec` becomes one ``RoiI``
 holding one ``PolygonI``, with a ``MapAnnotationI`` in our namespace linked to
 it, ready for ``saveAndReturnArray``.
+
+Why ``import omero.clients`` first: omero-py fills ``omero.model`` with its
+classes as a side effect of loading the client; after ``import omero.rtypes``
+alone, ``from omero.model import ImageI`` fails ("unknown location").
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import omero.clients  # noqa: F401  (loads every omero.model class: see the docstring)
 from omero.model import ImageI, LengthI, MapAnnotationI, NamedValue, PointI, PolygonI, RoiI
 from omero.model.enums import UnitsLength
 from omero.rtypes import rint, rstring, unwrap
