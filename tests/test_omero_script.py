@@ -1,4 +1,5 @@
-"""The OMERO.web script (omero_scripts/NuClick_Segment_Nuclei.py and bridge.connectors.omero.script).
+"""The OMERO.web script (omero_scripts/nuclick_bridge/NuClick_Segment_Nuclei.py
+and bridge.connectors.omero.script).
 
 The uploaded file is read by omero-py's own ``omero.scripts.parse_file`` (what
 ``omero script upload`` and OMERO.web do to build the form) and run as a job
@@ -41,7 +42,7 @@ from support.models import TextureModel, engine_for
 from support.omero_memory import OTHER_GROUP, ScriptOmero, point_roi
 from support.omero_script_client import ScriptClient
 
-SHELL = Path(__file__).resolve().parents[1] / "omero_scripts" / "NuClick_Segment_Nuclei.py"
+SHELL = Path(__file__).resolve().parents[1] / "omero_scripts" / "nuclick_bridge" / "NuClick_Segment_Nuclei.py"
 
 
 # ---------------------------------------------------------------- fixtures
@@ -350,7 +351,7 @@ def test_shell_without_the_package_says_what_to_install(monkeypatch, capsys):
     client = ScriptClient({"Data_Type": "Image", "IDs": [1], "NuClick_Server": "a:1"})
     load_shell().run_script(client=client)
     assert message(client).startswith("Failed: nuclick-bridge is not installed where OMERO runs scripts")
-    assert "pip install 'nuclick-bridge[omero]'" in message(client) and client.closed
+    assert "pip install nuclick-bridge into OMERO.server's Python" in message(client) and client.closed
 
 
 # ---------------------------------------------------------------- a real server

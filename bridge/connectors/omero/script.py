@@ -1,4 +1,5 @@
-"""What the OMERO.web script does (``omero_scripts/NuClick_Segment_Nuclei.py`` is its thin shell).
+"""What the OMERO.web script does (``omero_scripts/nuclick_bridge/NuClick_Segment_Nuclei.py``
+is its thin shell).
 
 Why a module: the file a facility admin uploads must be one script in the
 OMERO.scripts form, which OMERO runs once to read its parameters and again for
@@ -10,7 +11,8 @@ The script runs on the OMERO server, in the user's own session
 (``BlitzGateway(client_obj=client)``), and segments nothing itself: the
 pixels around the points go to a NuClick server over gRPC
 (:class:`bridge.client.NuClickClient`), so the OMERO server needs only the
-torch-free install (``pip install 'nuclick-bridge[omero]'``).  Nothing here
+torch-free install (``pip install nuclick-bridge`` into OMERO.server's
+Python, which has omero-py already).  Nothing here
 imports torch.  The connector's safety rules hold as on the command line:
 an image's new ROIs are saved in one call before any earlier ones of ours
 are deleted, the user's ROIs are never touched, and one image's failure is
@@ -44,7 +46,6 @@ DATA_TYPES = ("Image", "Dataset", "Project")
 CSV_NAMESPACE = "nuclick-bridge/report"
 CSV_MIMETYPE = "text/csv"
 SERVER_CHECK_TIMEOUT_S = 20.0
-INSTALL_HINT = "pip install 'nuclick-bridge[omero]' into the Python that runs OMERO's scripts"
 CSV_COLUMNS = (
     "image_id",
     "image_name",

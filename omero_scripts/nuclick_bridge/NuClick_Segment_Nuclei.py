@@ -1,15 +1,17 @@
 """NuClick: one polygon ROI per nucleus, from the Point ROIs you placed (nuclick-bridge).
 
-The OMERO.scripts shell a facility admin uploads once:
+The OMERO.scripts shell a facility admin uploads once, from the folder above
+this one (the folder it is uploaded from names the menu):
 
-    omero script upload omero_scripts/NuClick_Segment_Nuclei.py --official
+    cd omero_scripts && omero script upload nuclick_bridge/NuClick_Segment_Nuclei.py --official
 
-Users then find it in OMERO.web under Scripts > nuclick-bridge (the folder it
-is uploaded to) and run it on selected Images, Datasets or Projects.  The work
+Users then find it in OMERO.web under Scripts > Nuclick Bridge > NuClick
+Segment Nuclei and run it on selected Images, Datasets or Projects.  The work
 is done by the nuclick-bridge package (bridge.connectors.omero.script), which
-must be installed, without torch, in the Python that runs OMERO's scripts:
-``pip install 'nuclick-bridge[omero]'``.  Segmentation runs on a NuClick
-server (``nuclick-bridge serve``) over gRPC.
+must be installed, without torch, in the Python that runs OMERO's scripts
+(OMERO.server's venv, which already has omero-py): ``pip install
+/path/to/nuclick-bridge``.  Segmentation runs on a NuClick server
+(``nuclick-bridge serve``) over gRPC.  README: section "OMERO.web".
 
 Admin: set DEFAULT_SERVER below to your NuClick server before uploading; it is
 the default users see in the form.  A token and TLS for that server are read
@@ -103,7 +105,7 @@ def run_script(client=None):
         except ImportError as exc:
             message = (
                 f"Failed: nuclick-bridge is not installed where OMERO runs scripts ({exc}); "
-                "ask your OMERO administrator to pip install 'nuclick-bridge[omero]' there"
+                "ask your OMERO administrator to pip install nuclick-bridge into OMERO.server's Python"
             )
             print(message, file=sys.stderr)
             client.setOutput("Message", rstring(message))
