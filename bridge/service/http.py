@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -60,6 +61,53 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     gateway: HttpGateway
+    handshake_timeout = 30.0  # seconds a client gets to finish the TLS handshake
+
+    def finish_request(self, request, client_address) -> None:
+        """The TLS handshake, in the connection's own thread, before HTTP: a
+        client that speaks plain HTTP to this port, distrusts our certificate
+        or stalls is one "tls handshake failed" log line with its peer, not a
+        traceback on stderr."""
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(self.handshake_timeout)
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                log_event(
+                    "tls handshake failed",
+                    logging.WARNING,
+                    port="http",
+                    peer=_peer(client_address),
+                    reason=_handshake_reason(exc),
+                )
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        """Anything else a connection raised outside our handlers (a reset
+        mid-request, say): one log line with the peer, not socketserver's
+        traceback on stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, ssl.SSLError)):
+            log_event("http connection dropped", logging.INFO, peer=_peer(client_address), reason=str(exc))
+            return
+        log.error("http connection failed", exc_info=True, extra={"fields": {"peer": _peer(client_address)}})
+
+
+def _peer(client_address) -> str:
+    """The peer as gRPC names it (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``), for one vocabulary in the log."""
+    host, port = client_address[0], client_address[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+
+def _handshake_reason(exc: BaseException) -> str:
+    """OpenSSL's reason in a few words (``HTTP_REQUEST``: plain HTTP sent to the TLS port;
+    ``TLSV1_ALERT_UNKNOWN_CA``: the client does not trust our certificate)."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.strerror or exc.reason)
+    if isinstance(exc, TimeoutError):
+        return "the client did not finish the handshake in time"
+    return str(exc) or type(exc).__name__
 
 
 class _Handler(BaseHTTPRequestHandler):
