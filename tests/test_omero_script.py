@@ -89,11 +89,16 @@ def two_images_in_a_dataset(crop, centres, classes=("Tumor", "Stroma")):
     return server
 
 
-def job(server, monkeypatch, capsys, **inputs):
-    """Run the uploaded script as OMERO would, on ``inputs``; (client, stdout, stderr)."""
+def job(server, monkeypatch, capsys, shell_settings=None, **inputs):
+    """Run the uploaded script as OMERO would, on ``inputs``, with the admin's ``shell_settings``
+    (e.g. TOKEN_FILE); (client, stdout, stderr)."""
     monkeypatch.setattr(script, "open_gateway", lambda client: server.connect())
     client = ScriptClient(inputs)
-    load_shell().run_script(client=client)
+    shell = load_shell()
+    for name, value in (shell_settings or {}).items():
+        assert hasattr(shell, name)
+        setattr(shell, name, value)
+    shell.run_script(client=client)
     out, err = capsys.readouterr()
     return client, out, err
 
@@ -309,6 +314,29 @@ def test_nuclick_server_down(crop_and_centres, monkeypatch, capsys):
     client, out, _ = job(server, monkeypatch, capsys, Data_Type="Dataset", IDs=[51], NuClick_Server=down, Dry_Run=True)
     assert message(client).startswith("dry run: 2 image(s): 2 ok")
     assert f"warning: cannot reach the NuClick server at {down}" in out
+
+
+def test_a_server_that_wants_a_token_gets_it_from_the_admins_file(crop_and_centres, monkeypatch, capsys, tmp_path):
+    server = two_images_in_a_dataset(*crop_and_centres)
+    srv = NuClickServer(engine_for(TextureModel(), "texture"), port=0, http_port=None, token="s3cret-t0ken").start()
+    address = f"127.0.0.1:{srv.grpc_port}"
+    monkeypatch.delenv("NUCLICK_BRIDGE_TOKEN", raising=False)
+    inputs = {"Data_Type": "Image", "IDs": [1], "NuClick_Server": address}
+    try:
+        client, _, _ = job(server, monkeypatch, capsys, **inputs)
+        assert message(client).startswith(f"Failed: NuClick server {address}: UNAUTHENTICATED: missing bearer token")
+        assert server.saves == []
+
+        missing = tmp_path / "nope"
+        client, _, _ = job(server, monkeypatch, capsys, {"TOKEN_FILE": str(missing)}, **inputs)
+        assert message(client) == f"Failed: token file not found: {missing}"
+
+        (tmp_path / "token").write_text("s3cret-t0ken\n")
+        client, out, _ = job(server, monkeypatch, capsys, {"TOKEN_FILE": str(tmp_path / "token")}, **inputs)
+        assert message(client).startswith("1 image(s): 1 ok, 0 failed") and len(server.ours(1)) >= 3
+        assert "s3cret" not in message(client) + out
+    finally:
+        srv.stop(grace=1)
 
 
 def test_missing_objects(nuclick, crop_and_centres, monkeypatch, capsys):

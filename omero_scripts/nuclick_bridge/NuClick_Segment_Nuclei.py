@@ -14,9 +14,10 @@ must be installed, without torch, in the Python that runs OMERO's scripts
 (``nuclick-bridge serve``) over gRPC.  README: section "OMERO.web".
 
 Admin: set DEFAULT_SERVER below to your NuClick server before uploading; it is
-the default users see in the form.  A token and TLS for that server are read
-from the environment of OMERO's script processor (NUCLICK_BRIDGE_TOKEN,
-NUCLICK_BRIDGE_CA), never from the form.
+the default users see in the form.  If that server wants a token
+('nuclick-bridge serve --token-file') or uses TLS, set TOKEN_FILE and CA_FILE
+to files on the OMERO server that the account OMERO runs as can read (never
+the token itself: users can read this script).
 """
 
 import sys
@@ -25,6 +26,8 @@ import omero.scripts as scripts
 from omero.rtypes import rlong, rstring
 
 DEFAULT_SERVER = "127.0.0.1:50051"  # admin: the NuClick server's HOST:PORT
+TOKEN_FILE = ""  # admin: e.g. "/opt/omero/nuclick/token" (one bearer token), or "" for none
+CA_FILE = ""  # admin: e.g. "/opt/omero/nuclick/ca.pem" (turns TLS on), or "" for plain gRPC
 
 DESCRIPTION = """Segment the nuclei at your Point ROIs with NuClick.
 
@@ -101,6 +104,7 @@ def run_script(client=None):
     )
     try:
         try:
+            from bridge.connectors.omero.script import ServerAccess
             from bridge.connectors.omero.script import run_script as run
         except ImportError as exc:
             message = (
@@ -110,7 +114,7 @@ def run_script(client=None):
             print(message, file=sys.stderr)
             client.setOutput("Message", rstring(message))
             return None
-        return run(client, default_server=DEFAULT_SERVER)
+        return run(client, ServerAccess(DEFAULT_SERVER, TOKEN_FILE, CA_FILE))
     finally:
         client.closeSession()
 

@@ -163,17 +163,34 @@ def image_ids(conn: Any, params: ScriptParams) -> list[int]:
 # ---------------------------------------------------------------- the NuClick server
 
 
-def open_segmenter(server: str) -> tuple[Any, Any]:
-    """A :class:`~bridge.client.RemoteSegmenter` on ``server`` and the server's
-    :class:`~bridge.client.ServerInfo`, after checking that it answers.
+@dataclass(frozen=True)
+class ServerAccess:
+    """How the script reaches the NuClick server, as the admin set it in the shell.
 
-    Token and TLS come from the script processor's environment
-    (``NUCLICK_BRIDGE_TOKEN``, ``NUCLICK_BRIDGE_CA``), never from a job
-    parameter, which every user of the server could read.
+    Token and CA are *files* on the OMERO server, readable by the account
+    OMERO runs as: a job parameter would be readable by every user, the
+    uploaded script's text too, and OMERO's processor passes scripts only a
+    fixed list of environment variables (``omero.processor``), so
+    ``NUCLICK_BRIDGE_TOKEN`` set for OMERO.server would not reach them.
     """
-    from bridge.client import NuClickClient, RemoteSegmenter
 
-    client = NuClickClient.from_env(server)
+    default_server: str = ""
+    token_file: str = ""  # one bearer token ('nuclick-bridge serve --token-file')
+    ca_file: str = ""  # PEM CA bundle of the server's TLS certificate: turns TLS on
+
+
+def open_segmenter(server: str, access: ServerAccess = ServerAccess()) -> tuple[Any, Any]:
+    """A :class:`~bridge.client.RemoteSegmenter` on ``server`` and the server's
+    :class:`~bridge.client.ServerInfo`, after checking that it answers."""
+    from bridge.client import NuClickClient, RemoteSegmenter
+    from bridge.service.auth import read_token_file
+
+    kwargs: dict[str, Any] = {}
+    if access.token_file:
+        kwargs["token"] = read_token_file(access.token_file)
+    if access.ca_file:
+        kwargs["root_certificates"] = access.ca_file
+    client = NuClickClient.from_env(server, **kwargs)
     try:
         info = client.info(timeout=SERVER_CHECK_TIMEOUT_S)
     except BaseException:
@@ -264,7 +281,8 @@ def run(
     conn: Any,
     params: ScriptParams,
     report: Callable[[str], None],
-    segmenter_factory: Callable[[str], Any] = open_segmenter,
+    access: ServerAccess = ServerAccess(),
+    segmenter_factory: Callable[[str, ServerAccess], Any] = open_segmenter,
 ) -> ScriptResult:
     """Run the OMERO connector on the selected images with the NuClick server; never raises for bad input."""
     from bridge.connectors.omero.gateway import OmeroRun, describe_error
@@ -277,7 +295,7 @@ def run(
             what += f", points of class {', '.join(params.classes)}"
         report(f"nuclick-bridge: {what}{'; dry run, nothing is written' if params.dry_run else ''}")
         try:
-            segmenter, info = segmenter_factory(params.server)
+            segmenter, info = segmenter_factory(params.server, access)
             report(f"NuClick server {params.server}: model {info.model_name} {info.model_version} on {info.device}")
         except BridgeInputError as exc:
             if not params.dry_run:
@@ -321,7 +339,7 @@ def open_gateway(client: Any) -> Any:
     return BlitzGateway(client_obj=client)
 
 
-def run_script(client: Any, default_server: str = "") -> ScriptResult:
+def run_script(client: Any, access: ServerAccess = ServerAccess()) -> ScriptResult:
     """The whole job on an ``omero.scripts.client``: inputs in, progress on stdout, ``Message`` (and
     ``File_Annotation``) out; a failure is a one-line ``Message`` starting with "Failed:" and the same
     line on stderr, which OMERO.web flags in its activities panel."""
@@ -331,12 +349,12 @@ def run_script(client: Any, default_server: str = "") -> ScriptResult:
         print(line, flush=True)
 
     try:
-        params = read_params(client.getInputs(unwrap=True), default_server)
+        params = read_params(client.getInputs(unwrap=True), access.default_server)
     except BridgeInputError as exc:
         result = ScriptResult(f"Failed: {exc}", False, [])
     else:
         conn = open_gateway(client)
-        result = run(conn, params, report)
+        result = run(conn, params, report, access)
     if not result.ok:
         print(result.message, file=sys.stderr, flush=True)
     client.setOutput("Message", rstring(result.message))
