@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import omero_env
 import pytest
 from PIL import Image
 from shapely.geometry import shape
@@ -78,6 +79,7 @@ def crop_files(tmp_path_factory, monuseg_pair):
 
 def test_the_child_has_no_engine(tmp_path):
     assert BLOCKED == ENGINE_MODULES  # the hook hides exactly what the CLI calls the engine extra
+    omero = "import omero, bridge.connectors.omero.script\n" if CLIENT_PYTHON or not omero_env.skip_reason() else ""
     code = (
         "import importlib, json\n"
         "out = {}\n"
@@ -86,7 +88,8 @@ def test_the_child_has_no_engine(tmp_path):
         "        importlib.import_module(m); out[m] = 'imported'\n"
         "    except ModuleNotFoundError as e:\n"
         "        out[m] = e.name\n"
-        "import omero, grpc, bridge.client, bridge.connectors.omero.script\n"
+        "import grpc, bridge.client, bridge.cli\n"
+        f"{omero}"
         "print(json.dumps(out))\n"
     )
     (tmp_path / "probe.py").write_text(code)
@@ -125,6 +128,7 @@ def test_serve_without_the_engine_says_what_to_install():
     assert r.returncode == 2 and f"nuclick-bridge serve: error: {ENGINE_HINT}" in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(not CLIENT_PYTHON and omero_env.skip_reason() is not None, reason=str(omero_env.skip_reason()))
 def test_omero_script_without_torch(nuclick, crop_files):
     address, _ = nuclick
     d, crop = crop_files
