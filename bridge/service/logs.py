@@ -8,6 +8,7 @@ the line, the text formatter appends them as ``key=value``.
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import json
 import logging
 import os
@@ -101,6 +102,8 @@ class NativeStderr:
         self._read = read
         self._thread = threading.Thread(target=self._pump, name="native-stderr", daemon=True)
         self._thread.start()
+        # A crash (segfault, abort) kills the pump with the process: its dump goes to the real stderr.
+        faulthandler.enable(file=self.stream)
 
     def _pump(self) -> None:
         pending: list[str] = []
