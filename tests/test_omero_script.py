@@ -374,6 +374,20 @@ def test_images_of_another_group_get_their_report_in_their_group(nuclick, crop_a
     assert sorted((kind, iid) for kind, iid, _ in server.links) == [("Image", 1), ("Image", 3)]
 
 
+def test_omero_server_failing_while_finding_images(nuclick, crop_and_centres, monkeypatch, capsys):
+    server = two_images_in_a_dataset(*crop_and_centres)
+    server.drop = {"getObjects": True}  # the connection drops while listing the dataset's images
+    client, _, err = job(server, monkeypatch, capsys, Data_Type="Dataset", IDs=[51], NuClick_Server=nuclick[0])
+    assert message(client) == "Failed: the connection to the OMERO server failed (ConnectionLostException); try again"
+    assert err.strip().splitlines()[-1] == message(client) and "Traceback" in err  # details for the admin
+    assert server.saves == [] and client.closed
+
+    server.drop = {}
+    server.refuse = {"getObjects": "not in your group"}
+    client, _, _ = job(server, monkeypatch, capsys, Data_Type="Dataset", IDs=[51], NuClick_Server=nuclick[0])
+    assert message(client) == "Failed: the OMERO server refused: SecurityViolation: not in your group"
+
+
 def test_shell_without_the_package_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "bridge.connectors.omero.script", None)  # import fails as if not installed
     client = ScriptClient({"Data_Type": "Image", "IDs": [1], "NuClick_Server": "a:1"})

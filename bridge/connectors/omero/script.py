@@ -25,6 +25,7 @@ import csv
 import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -327,9 +328,25 @@ def run(
         return ScriptResult(message, reason is None, anns, summary)
     except BridgeInputError as exc:
         return ScriptResult(f"Failed: {exc}", False, [])
+    except Exception as exc:  # the OMERO server (finding the images), or a bug: one line, the details on stderr
+        traceback.print_exc(file=sys.stderr)
+        return ScriptResult(f"Failed: {_unexpected(exc)}", False, [])
     finally:
         if segmenter is not None:
             segmenter.close()
+
+
+def _unexpected(exc: Exception) -> str:
+    """One line for an error no check foresaw: the OMERO server's own words, or the exception."""
+    import Ice
+
+    from bridge.connectors.omero.gateway import describe_error
+
+    if isinstance(exc, Ice.LocalException):
+        return f"the connection to the OMERO server failed ({type(exc).__name__}); try again"
+    if isinstance(exc, Ice.Exception):  # omero.ServerError and the like: "SecurityViolation: ..."
+        return f"the OMERO server refused: {describe_error(exc)}"
+    return f"{type(exc).__name__}: {describe_error(exc)}"
 
 
 def open_gateway(client: Any) -> Any:
