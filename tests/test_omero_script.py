@@ -348,13 +348,13 @@ def test_missing_objects(nuclick, crop_and_centres, monkeypatch, capsys):
     assert message(client) == "Failed: nothing could be done: all 1 image(s) failed"
 
     # one missing image of two: the other is done, the CSV says which failed and why
-    client, _, _ = job(
+    client, out, _ = job(
         server, monkeypatch, capsys, Data_Type="Image", IDs=[404, 2], NuClick_Server=address, CSV_Report=True
     )
     assert message(client).startswith("2 image(s): 1 ok, 1 failed")
     assert message(client).endswith("(see the output for each failed image)")
     aid = unwrap(client.outputs["File_Annotation"].getValue().getId())
-    assert server.links == [("Image", 2, aid)]  # image 404 cannot be annotated
+    assert server.links == [("Image", 2, aid)] and "CSV report attached to 1 Image(s)" in out  # not image 404
     rows = list(csv.DictReader(io.StringIO(server.csv_text(aid))))
     assert [(r["image_id"], r["status"]) for r in rows] == [("404", "failed"), ("2", "ok")]
     assert rows[0]["error"] == "image 404 not found on the server (or you cannot see it)"

@@ -227,10 +227,11 @@ def _group_of(conn: Any, obj_type: str, oid: int) -> int | None:
     return None if obj is None else int(obj.getDetails().group.id.val)
 
 
-def attach_csv(conn: Any, params: ScriptParams, outcomes: Sequence[Any], run_id: str) -> list[Any]:
+def attach_csv(conn: Any, params: ScriptParams, outcomes: Sequence[Any], run_id: str) -> tuple[list[Any], int]:
     """Upload the report and link it to the selected Datasets or Projects (to each Image when
     Images were selected, as OMERO's own export scripts do).  One FileAnnotation per group:
-    an annotation cannot be linked across groups.  Returns the FileAnnotation wrappers."""
+    an annotation cannot be linked across groups.  Returns the FileAnnotation wrappers and how
+    many objects they were linked to."""
     import omero.model
 
     name = f"nuclick_nuclei_{run_id}.csv"
@@ -262,7 +263,7 @@ def attach_csv(conn: Any, params: ScriptParams, outcomes: Sequence[Any], run_id:
                 link.setChild(omero.model.FileAnnotationI(ann.getId(), False))
                 conn.getUpdateService().saveObject(link, conn.SERVICE_OPTS)
             anns.append(ann)
-    return anns
+    return anns, sum(len(oids) for oids in targets.values())
 
 
 # ---------------------------------------------------------------- the job
@@ -320,8 +321,8 @@ def run(
             report("dry run: no CSV report attached")
         elif params.csv:
             try:
-                anns = attach_csv(conn, params, job.outcomes, summary.run_id)
-                report(f"CSV report attached to {len(params.ids)} {params.data_type}(s)")
+                anns, linked = attach_csv(conn, params, job.outcomes, summary.run_id)
+                report(f"CSV report attached to {linked} {params.data_type}(s)")
             except Exception as exc:  # the ROIs are written: the report must not hide that
                 message += f"; the CSV report could not be attached ({describe_error(exc)})"
         report(summary.line())
