@@ -152,13 +152,13 @@ def test_omero_reads_the_form_from_the_uploaded_file():
     ok = {"Data_Type": rstring("Dataset"), "IDs": omero.rtypes.rlist([rlong(51)]), "NuClick_Server": rstring("a:1")}
     assert omero.scripts.validate_inputs(params, ok) == ""
     assert "IDs" in omero.scripts.validate_inputs(params, {k: v for k, v in ok.items() if k != "IDs"})
-    assert "Plate" in omero.scripts.validate_inputs(params, {**ok, "Data_Type": rstring("Plate")})
+    assert "Well" in omero.scripts.validate_inputs(params, {**ok, "Data_Type": rstring("Well")})
 
 
 def test_a_job_with_inputs_omero_refuses_never_starts(monkeypatch, capsys):
     server = ScriptOmero()
     with pytest.raises(omero.ValidationException, match="Data_Type"):
-        job(server, monkeypatch, capsys, Data_Type="Screen", IDs=[1], NuClick_Server="h:1")
+        job(server, monkeypatch, capsys, Data_Type="Well", IDs=[1], NuClick_Server="h:1")
     with pytest.raises(omero.ValidationException, match="IDs"):
         job(server, monkeypatch, capsys, Data_Type="Image", NuClick_Server="h:1")
     assert server.connections == []
@@ -181,7 +181,10 @@ def test_read_params_accepts_what_omero_web_sends():
 @pytest.mark.parametrize(
     ("inputs", "error"),
     [
-        ({"Data_Type": "Plate", "IDs": [1]}, "Data_Type must be one of Image, Dataset, Project, not 'Plate'"),
+        (
+            {"Data_Type": "Well", "IDs": [1]},
+            "Data_Type must be one of Image, Dataset, Project, Plate, Screen, not 'Well'",
+        ),
         ({"Data_Type": "Image", "IDs": []}, "IDs: no ids given; select the images, datasets or projects to process"),
         ({"Data_Type": "Image", "IDs": [0]}, "IDs: 0 is not an OMERO id (a whole number from 1)"),
         ({"Data_Type": "Image", "IDs": ["x"]}, "IDs: 'x' is not an OMERO id (a whole number from 1)"),
@@ -298,6 +301,29 @@ def test_dry_run_writes_nothing_not_even_the_csv(nuclick, crop_and_centres, monk
 
 
 # ---------------------------------------------------------------- failures
+
+
+def test_screen_job_segments_every_field_of_every_well(nuclick, crop_and_centres, monkeypatch, capsys):
+    address, engine = nuclick
+    crop, centres = crop_and_centres
+    server = two_images_in_a_dataset(crop, centres)  # images 1 and 2 ...
+    server.add_image(3, crop, name="B1 field 1")
+    server.add_rois(3, [point_roi(*centres[:3])])
+    server.plates[71] = [(1, 0, [3]), (0, 0, [1, 2])]  # (row, column, images of its fields): B1, A1
+    server.screens[81] = [71]
+    inputs = {"Data_Type": "Screen", "IDs": [81], "NuClick_Server": address, "CSV_Report": True}
+    client, _, _ = job(server, monkeypatch, capsys, **inputs)
+
+    assert message(client).startswith("3 image(s): 3 ok, 0 failed; 19 point(s)")
+    for iid in (1, 2, 3):
+        assert ours(server, iid) == expected(engine, server, iid, crop)
+    aid = unwrap(client.outputs["File_Annotation"].getValue().getId())
+    assert server.links == [("Screen", 81, aid)]
+    rows = list(csv.DictReader(io.StringIO(server.csv_text(aid))))
+    assert [r["image_id"] for r in rows] == ["1", "2", "3"]  # well A1's fields, then B1's
+
+    client, _, _ = job(server, monkeypatch, capsys, **{**inputs, "Data_Type": "Plate", "IDs": [72]})
+    assert message(client) == "Failed: plate 72 not found on the server (or you cannot see it)"
 
 
 def test_nuclick_server_down(crop_and_centres, monkeypatch, capsys):

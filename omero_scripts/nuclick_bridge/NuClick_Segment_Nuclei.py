@@ -6,7 +6,8 @@ this one (the folder it is uploaded from names the menu):
     cd omero_scripts && omero script upload nuclick_bridge/NuClick_Segment_Nuclei.py --official
 
 Users then find it in OMERO.web under Scripts > Nuclick Bridge > NuClick
-Segment Nuclei and run it on selected Images, Datasets or Projects.  The work
+Segment Nuclei and run it on selected Images, Datasets, Projects, Plates or
+Screens.  The work
 is done by the nuclick-bridge package (bridge.connectors.omero.script), which
 must be installed, without torch, in the Python that runs OMERO's scripts
 (OMERO.server's venv, which already has omero-py): ``pip install
@@ -32,7 +33,7 @@ CA_FILE = ""  # admin: e.g. "/opt/omero/nuclick/ca.pem" (turns TLS on), or "" fo
 DESCRIPTION = """Segment the nuclei at your Point ROIs with NuClick.
 
 Place one Point per nucleus in OMERO.iviewer (the point's text is its class),
-then run this on the Images, Datasets or Projects. Each point gets one Polygon
+then run this on the Images, Datasets, Projects, Plates or Screens. Each point gets one Polygon
 ROI (one ROI each, marked nuclick-bridge); your own ROIs are never changed.
 Run it again after adding points: only the new ones are segmented.
 Needs 8-bit RGB images. Segmentation runs on the NuClick server."""
@@ -45,15 +46,15 @@ def parameters():
             "Data_Type",
             optional=False,
             grouping="1",
-            description="What you selected: Images, Datasets or Projects",
-            values=[rstring("Image"), rstring("Dataset"), rstring("Project")],
+            description="What you selected: Images, Datasets, Projects, Plates or Screens (every field of every well)",
+            values=[rstring(t) for t in ("Image", "Dataset", "Project", "Plate", "Screen")],
             default="Dataset",
         ),
         scripts.List(
             "IDs",
             optional=False,
             grouping="2",
-            description="Ids of the selected Images, Datasets or Projects",
+            description="Ids of the selected Images, Datasets, Projects, Plates or Screens",
         ).ofType(rlong(0)),
         scripts.String(
             "NuClick_Server",

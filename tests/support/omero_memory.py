@@ -20,7 +20,16 @@ import Ice
 import numpy as np
 import omero
 import omero.clients
-from omero.gateway import BlitzGateway, DatasetWrapper, ImageWrapper, ProjectWrapper, ServiceOptsDict
+from omero.gateway import (
+    BlitzGateway,
+    DatasetWrapper,
+    ImageWrapper,
+    PlateWrapper,
+    ProjectWrapper,
+    ScreenWrapper,
+    ServiceOptsDict,
+    WellWrapper,
+)
 from omero.model import (
     DatasetI,
     ExperimenterGroupI,
@@ -29,9 +38,12 @@ from omero.model import (
     OriginalFileI,
     PixelsI,
     PixelsTypeI,
+    PlateI,
     PointI,
     ProjectI,
     RoiI,
+    WellI,
+    WellSampleI,
 )
 from omero.rtypes import rdouble, rint, rlong, rstring, unwrap
 from test_omero_pixels import TileStore, make_pyramid
@@ -481,23 +493,56 @@ class _RawFileStore:
 
 class ScriptGateway(Gateway):
     """A BlitzGateway on the script's session: the connector's calls (:class:`Gateway`) plus what the OMERO
-    script adds to report in a CSV file: omero-py's own ``createFileAnnfromLocalFile`` (unchanged) over
-    ``saveAndReturnObject`` and a RawFileStore, ``saveObject`` of annotation links, and ``getObject`` of a
-    Dataset or Project with its group.  Writes happen in one group (never -1), as on the server; a link
-    must be in the group of its parent and of its annotation (else ``omero.SecurityViolation``)."""
+    script adds: the wells of a plate and the plates of a screen (real ``WellI``/``WellSampleI`` under
+    omero-py's ``WellWrapper``), and, to report in a CSV file, omero-py's own ``createFileAnnfromLocalFile``
+    (unchanged) over ``saveAndReturnObject`` and a RawFileStore, ``saveObject`` of annotation links, and
+    ``getObject`` of a Dataset, Project, Plate or Screen with its group.  Writes happen in one group
+    (never -1), as on the server; a link must be in the group of its parent and of its annotation (else
+    ``omero.SecurityViolation``)."""
 
     createFileAnnfromLocalFile = BlitzGateway.createFileAnnfromLocalFile
     createOriginalFileFromLocalFile = BlitzGateway.createOriginalFileFromLocalFile
     createOriginalFileFromFileObj = BlitzGateway.createOriginalFileFromFileObj
 
     def getObject(self, obj_type, oid, opts=None):
-        wrapper = super().getObject(obj_type, oid, opts)
-        if wrapper is not None and obj_type in ("Dataset", "Project"):
+        if obj_type in ("Plate", "Screen"):
+            self.check("getObject")
+            known = self.server.plates if obj_type == "Plate" else self.server.screens
+            wrapper = None
+            if oid in known:
+                wrapper = (PlateWrapper if obj_type == "Plate" else ScreenWrapper)(
+                    self, getattr(omero.model, f"{obj_type}I")(oid, True)
+                )
+        else:
+            wrapper = super().getObject(obj_type, oid, opts)
+        if wrapper is not None and obj_type in ("Dataset", "Project", "Plate", "Screen"):
             group = self.server.container_groups.get((obj_type, oid), GROUP)
             if not self.server.visible(self.group(), _Grouped(group)):
                 return None
             wrapper._obj.getDetails().setGroup(ExperimenterGroupI(group, False))
         return wrapper
+
+    def getObjects(self, obj_type, opts):
+        """Also the wells of a plate (``load_images``: each with its WellSamples and their images loaded,
+        as omero-py's query fetches them) and the plates of a screen."""
+        if obj_type == "Well":
+            self.check("getObjects")
+            assert opts.get("load_images") is True, "without load_images, listChildren queries again"
+            wells = []
+            for row, column, images in self.server.plates[opts["plate"]]:
+                well = WellI(self.server._id(), True)
+                well.setRow(rint(row))
+                well.setColumn(rint(column))
+                for iid in images:
+                    sample = WellSampleI(self.server._id(), True)
+                    sample.setImage(copy.deepcopy(self.server.images[iid]))
+                    well.addWellSample(sample)
+                wells.append(WellWrapper(self, well))
+            return wells
+        if obj_type == "Plate":
+            self.check("getObjects")
+            return [PlateWrapper(self, PlateI(p, True)) for p in self.server.screens[opts["screen"]]]
+        return super().getObjects(obj_type, opts)
 
     def _write_group(self, ctx) -> int:
         group = _group(ctx)
@@ -566,6 +611,8 @@ class ScriptOmero(InMemoryOmero):
         self.annotations: dict[int, FileAnnotationI] = {}
         self.links: list[tuple[str, int, int]] = []
         self.container_groups: dict[tuple[str, int], int] = {}
+        self.plates: dict[int, list[tuple[int, int, list[int]]]] = {}  # plate id: [(row, column, image ids)]
+        self.screens: dict[int, list[int]] = {}  # screen id: plate ids
 
     def connect(self) -> ScriptGateway:
         conn = ScriptGateway(self)

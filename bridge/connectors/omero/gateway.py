@@ -5,9 +5,12 @@ The only gateway calls the connector makes (the test double in
 
 * ``conn.SERVICE_OPTS.setOmeroGroup(gid)``: -1 to find objects in any of the
   user's groups, then the image's group for its reads and writes;
-* ``conn.getObject(type, id)`` for "Dataset", "Project", and "Image" with
-  ``opts={"load_pixels": True}`` (None if missing), and
-  ``conn.getObjects(type, opts={"dataset"|"project": id})``;
+* ``conn.getObject(type, id)`` for "Dataset", "Project", "Plate", "Screen",
+  and "Image" with ``opts={"load_pixels": True}`` (None if missing), and
+  ``conn.getObjects(type, opts={"dataset"|"project"|"screen": id})``;
+  ``conn.getObjects("Well", opts={"plate": id, "load_images": True})`` and, on
+  a well, ``getRow``, ``getColumn``, ``listChildren`` (its WellSamples) and,
+  on those, ``getImage``;
   on an image wrapper: ``getId``, ``getName``, ``getSizeX/Y/Z/T/C``,
   ``getPixelsType``, ``getPixelsId``, ``getDetails().group.id``;
 * ``conn.getRoiService().findByImage(image_id, None, ctx).rois``;
@@ -124,10 +127,29 @@ def _ids(wrappers) -> list[int]:
     return [int(w.getId()) for w in wrappers]
 
 
+def plate_image_ids(conn: Any, plate: int) -> list[int]:
+    """The images of every well of a plate (every field), row by row."""
+    wells = list(conn.getObjects("Well", opts={"plate": int(plate), "load_images": True}))
+    wells.sort(key=lambda w: (w.getRow() or 0, w.getColumn() or 0))
+    out: list[int] = []
+    for well in wells:
+        for sample in well.listChildren():
+            image = sample.getImage()
+            if image is not None and image.getId() is not None:
+                out.append(int(image.getId()))
+    return out
+
+
 def image_ids(
-    conn: Any, images: Sequence[int] = (), dataset: int | None = None, project: int | None = None
+    conn: Any,
+    images: Sequence[int] = (),
+    dataset: int | None = None,
+    project: int | None = None,
+    *,
+    plate: int | None = None,
+    screen: int | None = None,
 ) -> list[int]:
-    """Image ids in order, without repeats: the given ones, a dataset's, or a project's."""
+    """Image ids in order, without repeats: the given ones, a dataset's, a project's, a plate's or a screen's."""
     conn.SERVICE_OPTS.setOmeroGroup(ALL_GROUPS)
     out: list[int] = list(images)
     if dataset is not None:
@@ -139,6 +161,15 @@ def image_ids(
             raise BridgeInputError(f"project {project} not found on the server (or you cannot see it)")
         for did in _ids(conn.getObjects("Dataset", opts={"project": int(project)})):
             out += _ids(conn.getObjects("Image", opts={"dataset": did}))
+    if plate is not None:
+        if conn.getObject("Plate", int(plate)) is None:
+            raise BridgeInputError(f"plate {plate} not found on the server (or you cannot see it)")
+        out += plate_image_ids(conn, int(plate))
+    if screen is not None:
+        if conn.getObject("Screen", int(screen)) is None:
+            raise BridgeInputError(f"screen {screen} not found on the server (or you cannot see it)")
+        for pid in _ids(conn.getObjects("Plate", opts={"screen": int(screen)})):
+            out += plate_image_ids(conn, pid)
     return list(dict.fromkeys(int(i) for i in out))
 
 

@@ -43,7 +43,7 @@ DRY_RUN = "Dry_Run"
 CSV_REPORT = "CSV_Report"
 PARAMETERS = (DATA_TYPE, IDS, SERVER, CLASSES, REPLACE, DRY_RUN, CSV_REPORT)
 
-DATA_TYPES = ("Image", "Dataset", "Project")
+DATA_TYPES = ("Image", "Dataset", "Project", "Plate", "Screen")
 CSV_NAMESPACE = "nuclick-bridge/report"
 CSV_MIMETYPE = "text/csv"
 SERVER_CHECK_TIMEOUT_S = 20.0
