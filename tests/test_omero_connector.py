@@ -716,6 +716,21 @@ def test_real_blitzgateway_to_a_closed_port():
     assert "0f0f" not in str(err.value)
 
 
+def test_command_classes(small_server, monkeypatch, capsys):
+    server, inside = small_server  # every point is "Tumor"
+    monkeypatch.setenv("NB_OMERO_PW", "pa55word")
+    monkeypatch.setattr(omero_gateway, "connect", lambda *a, **kw: server.connect())
+    argv = ["omero", "--host", "h", "--user", "alice", "--password-env", "NB_OMERO_PW", "--image", "1"]
+    assert main([*argv, "--method", "watershed", "--classes", "Stroma", "Immune"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["other_class"] == len(inside) and server.saves == []
+    assert err.strip().splitlines()[-1] == (
+        f"nuclick-bridge omero: error: none of the {len(inside)} point(s) found has one of the classes asked for"
+    )
+    assert main([*argv, "--method", "watershed", "--classes", "tumor"]) == 0
+    assert json.loads(capsys.readouterr()[0])["written"] == len(server.ours(1)) >= 1
+
+
 def test_command_end_to_end(small_server, monkeypatch, capsys):
     server, inside = small_server
     monkeypatch.setenv("NB_OMERO_PW", "pa55word")

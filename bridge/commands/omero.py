@@ -68,6 +68,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="delete the polygon ROIs nuclick-bridge wrote earlier and segment every point again "
         "(default: skip points that already have one)",
     )
+    run.add_argument(
+        "--classes",
+        nargs="+",
+        metavar="CLASS",
+        help="only points whose text is one of these (case ignored); with --replace only their polygons are "
+        "replaced (default: every point)",
+    )
     run.add_argument("--dry-run", action="store_true", help="print what would be done; write nothing")
     run.add_argument(
         "--max-tile", type=int, default=2048, metavar="PX", help="largest pixel window read at once (default: 2048)"
@@ -164,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             max_tile=args.max_tile,
             reconnect=relogin,
             delete_timeout=args.delete_timeout,
+            classes=args.classes,
         )
         job.run(ids)
     finally:
