@@ -5,7 +5,9 @@ shipped network and the comparison networks, in one run on this machine.
 Rows: the shipped default (``--precision``, auto by default, and fp32, which
 is what a CPU without bf16 instructions runs), each ``--compare`` network in
 the same two precisions, and the published NuClick width (``nuclick-w1``), the
-ratio's reference.  Random weights are fine for speed; the shipped weights
+ratio's reference (run by torch).  fp32 rows are timed on torch and on ONNX
+Runtime (what ``--backend auto`` picks for fp32 on a CPU) when it is
+installed.  Random weights are fine for speed; the shipped weights
 are used for the default.  Each row also times the network alone on one
 batch, so the end-to-end rate can be read against the network's cost
 (reading, post-processing and polygons cost the same per nucleus for every
@@ -34,6 +36,7 @@ from bridge.evaluation.clicks import simulate_clicks
 from bridge.io.imageio import open_image
 from bridge.model.architectures import build, from_label
 from bridge.model.network import count_parameters
+from bridge.model.onnxrt import onnxruntime_available
 from bridge.model.precision import PRECISIONS
 from bridge.model.weights import ModelInfo, default_weights_path, load_model, resolve_device
 from bridge.nuclick.engine import NuClickEngine
@@ -42,7 +45,9 @@ from bridge.results import Click
 PUBLISHED = "nuclick-w1"
 
 
-def engine_for(label: str, device: torch.device, batch_size: int, precision: str) -> tuple[NuClickEngine, str, int]:
+def engine_for(
+    label: str, device: torch.device, batch_size: int, precision: str, backend: str
+) -> tuple[NuClickEngine, str, int]:
     """The engine, where its weights came from, and the network's parameter count (as trained,
     before the engine folds BatchNorm into the convolutions)."""
     if label == "default":
@@ -50,7 +55,7 @@ def engine_for(label: str, device: torch.device, batch_size: int, precision: str
             raise SystemExit("no shipped weights in this install")
         model, info = load_model()
         return (
-            NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision),
+            NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision, backend=backend),
             "shipped",
             (count_parameters(model)),
         )
@@ -58,7 +63,7 @@ def engine_for(label: str, device: torch.device, batch_size: int, precision: str
     spec = from_label(label)
     model = build(spec)
     info = ModelInfo("random", "bench", "", spec.width, arch=spec.label)
-    engine = NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision)
+    engine = NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision, backend=backend)
     return engine, "random weights", count_parameters(model)
 
 
@@ -104,6 +109,11 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument(
+        "--backends",
+        default="torch,onnxruntime",
+        help="what runs the fp32 rows (bf16 and fp16 run on torch only); default: both, when onnxruntime is installed",
+    )
+    ap.add_argument(
         "--compare",
         default="nuclick-w0.25",
         help="comma-separated architectures to time beside the default, e.g. "
@@ -122,20 +132,26 @@ def main() -> None:
     )
     labels_to_run = ["default", *[c for c in args.compare.split(",") if c], PUBLISHED]
     precisions = list(dict.fromkeys([args.precision, "fp32"]))
+    backends = [b for b in args.backends.split(",") if b and (b != "onnxruntime" or onnxruntime_available())]
     rows = {}
+    gflop = {}
     for label in labels_to_run:
-        for precision in precisions:
-            engine, source, n_params = engine_for(label, device, args.batch_size, precision)
-            key = f"{label}/{engine.precision}"
+        for precision, backend in [(p, b) for p in precisions for b in backends]:
+            if backend == "onnxruntime" and (precision != "fp32" or device.type != "cpu"):
+                continue
+            engine, source, n_params = engine_for(label, device, args.batch_size, precision, backend)
+            key = f"{label}/{engine.precision}/{engine.backend}"
             if key in rows:  # auto resolved to fp32 here
                 continue
+            if engine.backend == "torch":
+                gflop[label] = gflop_per_patch(engine)
             run_once(engine, image, clicks[:64])  # warm-up
             best = min(run_once(engine, image, clicks) for _ in range(args.repeats))
             rows[key] = {
                 "arch": engine.info.arch,
                 "source": source,
                 "params_m": round(n_params / 1e6, 2),
-                "gflop_per_patch": round(gflop_per_patch(engine), 3),
+                "gflop_per_patch": round(gflop.get(label, float("nan")), 3),
                 "nuclei_per_s": round(len(clicks) / best, 1),
                 "network_s_per_batch": round(network_seconds(engine, args.repeats), 4),
             }
@@ -148,11 +164,11 @@ def main() -> None:
             )
     ratios = {}
     for key, r in rows.items():
-        label, prec = key.split("/")
-        ref = rows.get(f"{PUBLISHED}/{prec}")
+        label, prec, backend = key.split("/")
+        ref = rows.get(f"{PUBLISHED}/{prec}/torch")
         if label != PUBLISHED and ref:
             ratios[key] = round(r["nuclei_per_s"] / ref["nuclei_per_s"], 2)
-            print(f"{key} / published ({prec}): {ratios[key]:.2f}x")
+            print(f"{key} / published ({prec}, torch): {ratios[key]:.2f}x")
     print(json.dumps({"nuclei": len(clicks), "device": str(device), "rows": rows, "ratio_vs_published": ratios}))
 
 

@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="random seed of the initial weights, patch order, clicks and augmentations (default: 0); "
         "when fine-tuning with --init, a new seed draws different samples from the previous run",
     )
-    add_device_options(p)
+    add_device_options(p, inference=False)
     p.set_defaults(handler="bridge.commands.train:run")
     p = sub.add_parser(
         "serve",

@@ -140,8 +140,9 @@ def test_folded_network_gives_the_same_output(crop_pair):
 
 
 def test_shipped_network_gives_the_same_output_through_every_inference_path(crop_pair):
-    """The shipped weights, on real patches: the engine's fp32 path (BatchNorm
-    folded, channels-last) equals the plain network to 1e-4 in probability;
+    """The shipped weights, on real patches: the engine's fp32 paths (torch
+    with BatchNorm folded and channels-last, and ONNX Runtime) equal the plain
+    network to 1e-4 in probability;
     bf16, where the CPU has it, rounds activations to 8 bits of mantissa, so
     it is held to 0.002 in mean probability and to at most 0.5% of pixels
     landing on the other side of the threshold (measured: 0.00065 mean)."""
@@ -150,8 +151,10 @@ def test_shipped_network_gives_the_same_output_through_every_inference_path(crop
     x = _real_input(crop_pair)
     with torch.no_grad():
         plain = torch.sigmoid(model(x))[:, 0].numpy()
-    fp32 = NuClickEngine(model, info, device="cpu", precision="fp32").predict(x.numpy())
+    fp32 = NuClickEngine(model, info, device="cpu", precision="fp32", backend="torch").predict(x.numpy())
     assert np.abs(fp32 - plain).max() < 1e-4
+    ort = NuClickEngine(model, info, device="cpu", precision="fp32", backend="onnxruntime").predict(x.numpy())
+    assert np.abs(ort - plain).max() < 1e-4
     assert (plain > info.threshold).sum() > 100, "a nucleus was found under the click"
     if cpu_has_bf16():
         bf16 = NuClickEngine(model, info, device="cpu", precision="bf16").predict(x.numpy())

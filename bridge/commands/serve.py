@@ -81,7 +81,14 @@ def build_server(args: argparse.Namespace):
     limits.check()
     token = read_token_file(args.token_file) if args.token_file else None
     tls = read_tls(args.tls_cert, args.tls_key)
-    engine = NuClickEngine.load(args.weights, device=args.device, batch_size=args.max_batch, precision=args.precision)
+    engine = NuClickEngine.load(
+        args.weights,
+        device=args.device,
+        batch_size=args.max_batch,
+        precision=args.precision,
+        backend=args.backend,
+        threads=args.threads,
+    )
     return NuClickServer(
         engine,
         host=args.host,

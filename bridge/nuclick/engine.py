@@ -21,6 +21,7 @@ from bridge.errors import BridgeInputError
 from bridge.io.coords import to_local
 from bridge.io.imageio import RegionReader
 from bridge.model.fusion import fold_batchnorm
+from bridge.model.onnxrt import OnnxNetwork, resolve_backend
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, resolve_device
 from bridge.nuclick.guidance import guidance_pair
@@ -69,7 +70,8 @@ def build_inputs(patches: Sequence[ClickPatch], size: int, sigma: float) -> np.n
 
 class NuClickEngine(PatchSegmenter):
     """Batched NuClick inference on CPU or CUDA, in half precision where the
-    hardware has it (see :mod:`bridge.model.precision`).
+    hardware has it (see :mod:`bridge.model.precision`), and through ONNX
+    Runtime for fp32 on the CPU (see :mod:`bridge.model.onnxrt`).
 
     Build it with :meth:`load` (shipped or given weights) or directly from a
     network (tests use a randomly initialised one).
@@ -86,6 +88,8 @@ class NuClickEngine(PatchSegmenter):
         simplify_tolerance: float = 0.5,
         precision: str = "auto",
         tta: int = 1,
+        backend: str = "auto",
+        threads: int = 0,
     ) -> None:
         if batch_size < 1:
             raise BridgeInputError("batch size must be at least 1")
@@ -94,8 +98,14 @@ class NuClickEngine(PatchSegmenter):
             raise BridgeInputError(f"test-time augmentation takes 1, 2, 4 or 8 views, not {tta}")
         self.tta = tta
         self.precision = resolve_precision(precision, self.device)
+        self.backend = resolve_backend(backend, self.device, self.precision)
         # A copy with BatchNorm folded into the convolutions: same outputs, less work.
-        self.model = prepare(fold_batchnorm(model), self.device)
+        folded = fold_batchnorm(model)
+        if self.backend == "onnxruntime":
+            # threads: the session's CPU threads (0: as many as torch uses)
+            self.model = OnnxNetwork(folded, info.patch_size, threads or None)
+        else:
+            self.model = prepare(folded, self.device)
         self.info = info
         self.batch_size = batch_size
         self.threshold = info.threshold if threshold is None else threshold

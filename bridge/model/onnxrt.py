@@ -1,0 +1,90 @@
+"""ONNX Runtime as the fp32 CPU backend.
+
+Most lab computers have no bfloat16 instructions, so they run the network in
+fp32.  There ONNX Runtime's own kernels beat torch's: on an AVX2-only CPU the
+shipped network ran 1.57x faster (``benchmarks/onnx_runtime.py``), with the
+same probabilities to within 1e-5.  With AVX-512 the two are level, and with
+bf16 instructions torch's bf16 path is faster still, so ONNX Runtime is used
+only for fp32 on the CPU.
+
+The network is exported from the loaded (BatchNorm-folded) model in memory
+when the engine starts, so any weights file works, the shipped one or one the
+lab trained; nothing is written to disk and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from bridge.errors import BridgeInputError
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+_INSTALL = "the onnxruntime backend needs onnxruntime and onnx: pip install 'nuclick-bridge[engine]'"
+
+
+def onnxruntime_available() -> bool:
+    """Both halves importable: onnx to export, onnxruntime to run."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
+    """``auto`` -> onnxruntime for fp32 on the CPU when it is installed, else
+    torch; an explicit choice that cannot work fails with one line."""
+    if backend not in BACKENDS:
+        raise BridgeInputError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "torch":
+        return backend
+    fits = device.type == "cpu" and precision == "fp32"
+    if backend == "auto":
+        return "onnxruntime" if fits and onnxruntime_available() else "torch"
+    if device.type != "cpu":
+        raise BridgeInputError("the onnxruntime backend runs on the CPU: use --device cpu, or --backend torch on a GPU")
+    if precision != "fp32":
+        raise BridgeInputError(
+            f"the onnxruntime backend computes in fp32, but the precision is {precision}: use --precision fp32"
+        )
+    if not onnxruntime_available():
+        raise BridgeInputError(_INSTALL)
+    return backend
+
+
+class OnnxNetwork:
+    """The network as an ONNX Runtime session, called like the torch module:
+    an NCHW float32 batch in, logits out (any batch size)."""
+
+    def __init__(self, model: nn.Module, patch_size: int, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        example = torch.zeros(1, 5, patch_size, patch_size)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer notes about the export itself, not about the user's run
+            torch.onnx.export(
+                model.float().eval(),
+                (example,),
+                buf,
+                input_names=["x"],
+                output_names=["logits"],
+                dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+                dynamo=False,
+            )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: ORT's notes would break the JSON log
+        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        return torch.from_numpy(self.session.run(None, {"x": batch})[0])
