@@ -8,9 +8,9 @@ tested with real files and no server:
 * a thin layer over the client library (paquo for QuPath, omero-py for OMERO) that only reads and
   writes objects.
 
-QuPath: :mod:`bridge.connectors.qupath.objects` (points, markers, detections),
-:mod:`bridge.connectors.qupath.run` (planning, segmentation, safe writes),
-:mod:`bridge.connectors.qupath.images` (local pixels),
-:mod:`bridge.connectors.qupath.paquo` (paquo); the tests stand in for the paquo layer
-with an in-memory double (``tests/support/qupath_memory.py``).
+QuPath: :mod:`bridge.connectors.qupath` (the tests stand in for its paquo layer
+with a project kept on disk that fails where QuPath fails,
+``tests/support/qupath_memory.py``).  OMERO: :mod:`bridge.connectors.omero`
+(the tests use real ``omero.model`` objects in an in-memory gateway,
+``tests/support/omero_memory.py``).
 """
