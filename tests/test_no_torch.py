@@ -4,7 +4,7 @@ The NuClick server runs here, in the test's process (with torch), on
 127.0.0.1; the client side runs in a child process that has no torch:
 
 * by default, this interpreter under ``tests/support/no_engine.py``, whose
-  import hook makes torch, grpc_reflection and prometheus_client absent
+  import hook makes torch, onnx, onnxruntime, grpc_reflection and prometheus_client absent
   (``ModuleNotFoundError``, as for a package that is not installed):
   seconds, so it runs with every ``pytest``;
 * with ``NB_CLIENT_PYTHON=.venv-client/bin/python`` (``make test-no-torch``),

@@ -19,7 +19,7 @@ import runpy
 import sys
 
 # What only `pip install 'nuclick-bridge[engine]'` brings (pyproject.toml); = bridge.cli.ENGINE_MODULES.
-ENGINE_MODULES = frozenset({"torch", "grpc_reflection", "prometheus_client"})
+ENGINE_MODULES = frozenset({"torch", "grpc_reflection", "prometheus_client", "onnx", "onnxruntime"})
 
 
 class _Absent(importlib.abc.MetaPathFinder):
