@@ -66,6 +66,14 @@ java-deps:
 java-test: java-deps
 	bash qupath_extension/javatest.sh test --details=summary --disable-ansi-colors
 
+# The QuPath 0.6 check (not part of `make test`: needs network, Gradle 8.x and a JDK 21): the whole
+# extension compiled against QuPath 0.6 with -Xlint:all -Werror, then its non-GUI path run on a real
+# image against a real `nuclick-bridge serve` on 127.0.0.1 (scripts/qupath_check.sh says more).
+QUPATH_CHECK_IMAGE ?= $(DATA)/monuseg/images/TCGA-18-5592-01Z-00-DX1.png
+.PHONY: qupath-check
+qupath-check: install
+	bash scripts/qupath_check.sh $(QUPATH_CHECK_IMAGE)
+
 # Scale-out checks (tests/test_nginx_proxy.py, tests/test_deploy.py): Debian's nginx for the
 # reverse-proxy test (installed quietly when /usr/sbin/nginx is missing); kubernetes-validate, which
 # ships the Kubernetes JSON schemas for checking deploy/kubernetes/ offline, is in the test extras.

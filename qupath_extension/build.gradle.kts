@@ -31,6 +31,44 @@ dependencies {
     testRuntimeOnly(libs.junit.platform)
 }
 
+// QuPath 0.6 runs on Java 21 (its catalog's jdk version, which qupath-conventions applies too); said here so
+// that the compiler, the check below and the jar all agree whatever the catalog says.
+java {
+    toolchain {
+        languageVersion = JavaLanguageVersion.of(21)
+    }
+}
+
+// Every Java source set (main, test, qupathCheck) compiles with every lint warning as an error.
+tasks.withType<JavaCompile>().configureEach {
+    options.encoding = "UTF-8"
+    options.compilerArgs.addAll(listOf("-Xlint:all", "-Werror"))
+}
+
+// The QuPath 0.6 check (not part of `build`; see `make qupath-check`): src/qupathCheck/java runs the
+// extension's non-GUI path on QuPath's own classes (ImageServer, PathObjectHierarchy, ROIs) against a live
+// `nuclick-bridge serve`.  Its own source set so that javatest.sh (plain javac, no QuPath) never sees it.
+val qupathCheckSources: SourceSet = sourceSets.create("qupathCheck") {
+    compileClasspath += sourceSets.main.get().output
+    runtimeClasspath += sourceSets.main.get().output
+}
+configurations[qupathCheckSources.implementationConfigurationName].extendsFrom(configurations.shadow.get())
+
+tasks.register<JavaExec>("qupathCheck") {
+    description = "Runs the extension's non-GUI path on QuPath 0.6 against a live server (needs NUCLICK_E2E_URL," +
+        " -PcheckImage, -PcheckPoints, optional -PcheckExpected); scripts/qupath_check.sh sets them all"
+    group = "verification"
+    classpath = qupathCheckSources.runtimeClasspath
+    mainClass = "qupath.ext.nuclick.QuPathCheck"
+    javaLauncher = javaToolchains.launcherFor(java.toolchain)
+    jvmArgs("-Djava.awt.headless=true")
+    args(listOfNotNull(
+        providers.gradleProperty("checkImage").orNull,
+        providers.gradleProperty("checkPoints").orNull,
+        providers.gradleProperty("checkExpected").orNull,
+    ))
+}
+
 // The release jar, named as the catalog says: build/libs/qupath-extension-nuclick-<version>.jar (the
 // conventions plugin derives the same name from qupathExtension; set here so that it cannot drift).
 tasks.jar {
