@@ -37,6 +37,7 @@ import qupath.ext.nuclick.core.TileData;
 import qupath.imagej.images.servers.ImageJServerBuilder;
 import qupath.lib.geom.Point2;
 import qupath.lib.images.servers.ImageServer;
+import qupath.lib.images.servers.ImageServerMetadata;
 import qupath.lib.images.servers.ImageServerProvider;
 import qupath.lib.objects.PathObject;
 import qupath.lib.objects.PathObjects;
@@ -59,13 +60,17 @@ import qupath.lib.roi.interfaces.ROI;
  * Usage: {@code QuPathCheck IMAGE POINTS.csv [EXPECTED.geojson]} with {@code NUCLICK_E2E_URL} (the server's
  * HTTP base URL) and {@code NUCLICK_E2E_TOKEN} (its token, if any) set.  POINTS has the header
  * {@code x,y[,class]} (level-0 pixels); EXPECTED is {@code nuclick-bridge segment}'s GeoJSON for the same
- * image and points, against which every nucleus is compared.  Prints one line per check; exits 1 when any
+ * image and points, against which every nucleus is compared.  An image without a pixel size (a PNG) gets
+ * {@code NUCLICK_QUPATH_CHECK_PIXEL_UM} (default 0.25 µm), as the user would set it.  Prints one line per check; exits 1 when any
  * fails, 2 on bad usage.
  */
 final class QuPathCheck {
 
     /** Overlap with the Python client's nucleus for the same click (the network sees the same pixels). */
-    static final double MIN_IOU = 0.9;
+    static final double MIN_IOU = 0.98;
+
+    /** The pixel size set when the file has none, as a user sets it in QuPath's Image tab (MoNuSeg: 40x). */
+    static final double DEFAULT_PIXEL_UM = 0.25;
 
     private final List<String> failures = new ArrayList<>();
     private int passed;
@@ -89,6 +94,12 @@ final class QuPathCheck {
         var check = new QuPathCheck();
         ImageServer<BufferedImage> server = open(image);
         try {
+            if (!server.getPixelCalibration().hasPixelSizeMicrons()) {
+                double um = Double.parseDouble(System.getenv().getOrDefault("NUCLICK_QUPATH_CHECK_PIXEL_UM",
+                        Double.toString(DEFAULT_PIXEL_UM)));
+                server.setMetadata(new ImageServerMetadata.Builder(server.getMetadata()).pixelSizeMicrons(um, um).build());
+                System.out.println("image: no pixel size in the file; set to " + um + " µm, as in QuPath's Image tab");
+            }
             check.run(server, image, clicks, expected, settings);
         } finally {
             server.close();
