@@ -10,7 +10,8 @@
 # IMAGE: an 8-bit RGB image, e.g. /work/shared/data/monuseg/images/TCGA-18-5592-01Z-00-DX1.png.
 # POINTS.csv (x,y[,class]): optional when IMAGE has an instance label map at ../labels/<same name>
 # (the MoNuSeg layout); then one click inside each of NUCLICK_QUPATH_CHECK_CLICKS nuclei (default 80),
-# every other one in class "Tumor".
+# every other one in class "Tumor".  An image without a pixel size gets NUCLICK_QUPATH_CHECK_PIXEL_UM
+# (default 0.25 µm, MoNuSeg's 40x), as a user sets it in QuPath's Image tab.
 #
 # Needs: Gradle 8.x (qupath_extension/gradlew if you made one, else `gradle` on PATH), a JDK 21 that
 # Gradle can find (or download), network access (Gradle fetches QuPath 0.6 from the SciJava Maven
@@ -24,7 +25,7 @@ CLICKS="${NUCLICK_QUPATH_CHECK_CLICKS:-80}"
 image="${1:-}"
 points="${2:-}"
 if [ -z "$image" ] || [ $# -gt 2 ]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 [ -f "$image" ] || { echo "qupath-check: no image at $image" >&2; exit 2; }
