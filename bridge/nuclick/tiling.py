@@ -134,18 +134,30 @@ class OverlapStream:
         min_size: int,
     ) -> None:
         self.min_size = min_size
-        expected = sorted(int(k) for k in expected)
-        self._neighbours: dict[int, list[int]] = {}
-        if expected:
-            xy = np.array([[clicks[k].x, clicks[k].y] for k in expected], dtype=np.float64)
-            origins = np.array([patch_origin(x, y, patch_size) for x, y in xy], dtype=np.float64)
+        n = len(clicks)
+        chosen = np.unique(np.asarray(expected, dtype=np.int64))
+        self._expected = np.zeros(n, dtype=bool)
+        self._expected[chosen] = True
+        # Who overlaps whom, as compressed rows (numpy, not a list per click: 50,000
+        # clicks have about a million neighbour entries).
+        src = dst = np.zeros(0, dtype=np.int64)
+        if len(chosen) > 1:
+            origins = np.array([patch_origin(clicks[k].x, clicks[k].y, patch_size) for k in chosen], np.float64)
             # Patches overlap iff their origins differ by less than a patch in x and y.
-            tree = cKDTree(origins)
-            for a, found in enumerate(tree.query_ball_point(origins, r=patch_size - 0.5, p=np.inf)):
-                self._neighbours[expected[a]] = sorted(expected[b] for b in found if b != a)
+            pairs = cKDTree(origins).query_pairs(r=patch_size - 0.5, p=np.inf, output_type="ndarray")
+            a, b = chosen[pairs[:, 0]], chosen[pairs[:, 1]]
+            src, dst = np.concatenate([a, b]), np.concatenate([b, a])
+        order = np.lexsort((dst, src))
+        self._indices = dst[order].astype(np.int32 if n < 2**31 else np.int64)
+        degree = np.bincount(src, minlength=n)
+        self._indptr = np.concatenate([[0], np.cumsum(degree)])
         self._raw: dict[int, PatchMask] = {}  # index -> cropped raw PatchMask, while a neighbour may need it
-        self._waiting: dict[int, int] = {k: len(n) + 1 for k, n in self._neighbours.items()}  # raw masks missing
-        self._unfinished: dict[int, int] = {k: len(n) + 1 for k, n in self._neighbours.items()}  # not final yet
+        self._received = np.zeros(n, dtype=bool)
+        self._waiting = (degree + 1).astype(np.int32)  # raw masks still missing for this nucleus to be final
+        self._unfinished = (degree + 1).astype(np.int32)  # it and its neighbours not yet final
+
+    def _neighbours(self, k: int) -> list[int]:
+        return self._indices[self._indptr[k] : self._indptr[k + 1]].tolist()
 
     @property
     def held(self) -> int:
@@ -154,29 +166,27 @@ class OverlapStream:
 
     def add(self, k: int, pm: PatchMask) -> list[tuple[int, PatchMask]]:
         """Take click ``k``'s raw (uncropped) mask; the nuclei that became final."""
-        if k not in self._neighbours or k in self._raw:
+        if not (0 <= k < len(self._expected) and self._expected[k]) or self._received[k]:
             raise ValueError(f"click {k} was not expected or came twice")
+        self._received[k] = True
         self._raw[k] = pm.cropped()
         done = []
-        for j in (k, *self._neighbours[k]):
+        for j in (k, *self._neighbours(k)):
             self._waiting[j] -= 1
             if self._waiting[j] == 0:
                 done.append((j, self._final(j)))
         for j, _ in done:
-            for i in (j, *self._neighbours[j]):
+            for i in (j, *self._neighbours(j)):
                 self._unfinished[i] -= 1
                 if self._unfinished[i] == 0:
                     del self._raw[i]
-                    del self._unfinished[i]
-        for j, _ in done:
-            del self._waiting[j]
         return done
 
     def _final(self, k: int) -> PatchMask:
         it = self._raw[k]
         ax0, ay0, ax1, ay1 = it.box()
         lost = None
-        for j in self._neighbours[k]:
+        for j in self._neighbours(k):
             other = self._raw[j]
             bx0, by0, bx1, by1 = other.box()
             x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
@@ -201,4 +211,4 @@ class OverlapStream:
 
     def pending(self) -> list[int]:
         """Clicks still waiting for a neighbour's mask (empty after the last tile)."""
-        return sorted(self._waiting)
+        return np.flatnonzero(self._expected & (self._waiting > 0)).tolist()
