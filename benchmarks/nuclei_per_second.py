@@ -5,9 +5,9 @@ shipped network and the comparison networks, in one run on this machine.
 Rows: the shipped default (``--precision``, auto by default, and fp32, which
 is what a CPU without bf16 instructions runs), each ``--compare`` network in
 the same two precisions, and the published NuClick width (``nuclick-w1``), the
-ratio's reference (run by torch).  fp32 rows are timed on torch and on ONNX
-Runtime (what ``--backend auto`` picks for fp32 on a CPU) when it is
-installed.  Random weights are fine for speed; the shipped weights
+ratio's reference (run by torch).  fp32 rows are timed on torch and, when it
+is installed, on ONNX Runtime (``--backend onnxruntime``), so a lab sees which
+is faster on its own CPU.  Random weights are fine for speed; the shipped weights
 are used for the default.  Each row also times the network alone on one
 batch, so the end-to-end rate can be read against the network's cost
 (reading, post-processing and polygons cost the same per nucleus for every

@@ -19,7 +19,7 @@ EXIT_INPUT = 2
 EXIT_INTERNAL = 1
 # Packages only the `engine` extra installs: a command that segments in this process without
 # them says so in one line (a client-only install has none of them, see pyproject.toml).
-ENGINE_MODULES = frozenset({"torch", "grpc_reflection", "prometheus_client", "onnx", "onnxruntime"})
+ENGINE_MODULES = frozenset({"torch", "grpc_reflection", "prometheus_client"})
 ENGINE_HINT = "this needs the engine extra: pip install 'nuclick-bridge[engine]' (or segment on a server with --server)"
 
 Handler = Callable[[argparse.Namespace], int]

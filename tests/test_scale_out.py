@@ -40,18 +40,7 @@ from bridge.targets import parse_target
 from support.models import DiscModel, TextureModel, engine_for
 from support.serve import ServeProcess
 
-REPLICA_FLAGS = (
-    "--precision",
-    "fp32",
-    "--backend",
-    "torch",
-    "--max-batch",
-    "1",
-    "--threads",
-    "1",
-    "--max-tile-side",
-    "512",
-)
+REPLICA_FLAGS = ("--precision", "fp32", "--max-batch", "1", "--threads", "1", "--max-tile-side", "512")
 
 
 def free_port() -> int:

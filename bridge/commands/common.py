@@ -12,8 +12,9 @@ PRECISION_HELP = (
 )
 
 BACKEND_HELP = (
-    "what runs the network: auto (default) uses ONNX Runtime for fp32 on the CPU when it is installed "
-    "(up to 1.6x faster than torch on CPUs without AVX-512) and torch otherwise; same results either way"
+    "what runs the network: torch (default) or onnxruntime (fp32 on the CPU only; pip install "
+    "'nuclick-bridge[onnx]'); same results either way, and benchmarks/nuclei_per_second.py says which is faster "
+    "on this machine"
 )
 
 
@@ -28,7 +29,7 @@ def add_device_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, inf
     )
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
     if inference:
-        p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"), help=BACKEND_HELP)
+        p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help=BACKEND_HELP)
 
 
 SERVER_HELP = (
@@ -92,5 +93,5 @@ def make_segmenter(args: argparse.Namespace):
         simplify_tolerance=tolerance,
         precision=args.precision,
         tta=getattr(args, "tta", 1),
-        backend=getattr(args, "backend", "auto"),
+        backend=getattr(args, "backend", "torch"),
     )

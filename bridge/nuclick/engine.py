@@ -70,8 +70,8 @@ def build_inputs(patches: Sequence[ClickPatch], size: int, sigma: float) -> np.n
 
 class NuClickEngine(PatchSegmenter):
     """Batched NuClick inference on CPU or CUDA, in half precision where the
-    hardware has it (see :mod:`bridge.model.precision`), and through ONNX
-    Runtime for fp32 on the CPU (see :mod:`bridge.model.onnxrt`).
+    hardware has it (see :mod:`bridge.model.precision`), or through ONNX
+    Runtime in fp32 on the CPU when asked (see :mod:`bridge.model.onnxrt`).
 
     Build it with :meth:`load` (shipped or given weights) or directly from a
     network (tests use a randomly initialised one).
@@ -88,7 +88,7 @@ class NuClickEngine(PatchSegmenter):
         simplify_tolerance: float = 0.5,
         precision: str = "auto",
         tta: int = 1,
-        backend: str = "auto",
+        backend: str = "torch",
         threads: int = 0,
     ) -> None:
         if batch_size < 1:

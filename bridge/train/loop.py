@@ -107,7 +107,7 @@ def _checkpoint(path: Path, model, ema, opt, sched, state: dict, cfg: TrainConfi
 def validate(model: nn.Module, cfg: TrainConfig, val: dict[str, list[LabelledImage]], device) -> dict:
     """Validation metrics per dataset with the inference engine itself."""
     info = ModelInfo("val", "val", "", cfg.width, cfg.patch_size, cfg.sigma, arch=cfg.arch)
-    engine = NuClickEngine(model, info, device=device, batch_size=64, precision=cfg.precision, backend="torch")
+    engine = NuClickEngine(model, info, device=device, batch_size=64, precision=cfg.precision)
     out = {}
     for name, items in val.items():
         rep = evaluate(items, engine.segment, jitter=cfg.val_jitter, seed=cfg.val_seed, progress=False)

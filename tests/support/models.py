@@ -73,8 +73,5 @@ class TextureModel(torch.nn.Module):
 
 
 def engine_for(model: torch.nn.Module, name: str = "test", pixel_size_um: float = 0.25, **kw) -> NuClickEngine:
-    """The engine over a test network, run by torch: gates and delays are
-    Python code in ``forward`` that an ONNX export would not carry."""
     info = ModelInfo(name, "test", "", 0.0, pixel_size_um=pixel_size_um)
-    kw.setdefault("backend", "torch")
     return NuClickEngine(model, info, device="cpu", **kw)
