@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -46,3 +47,21 @@ def cli(capsys):
         return subprocess.CompletedProcess(args, rc, out, err)
 
     return call
+
+
+@pytest.fixture(scope="session")
+def tls_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A real self-signed certificate and key for 127.0.0.1/localhost, made by openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+            *("-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return d / "cert.pem", d / "key.pem"

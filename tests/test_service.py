@@ -8,9 +8,7 @@ import http.client
 import io
 import json
 import queue
-import shutil
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -553,23 +551,6 @@ def test_bearer_token_on_grpc_and_http(tile):
         assert _http(srv.http_port, "/healthz")[0] == 200
     finally:
         srv.stop(grace=1)
-
-
-@pytest.fixture(scope="module")
-def tls_pair(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
-            *("-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=localhost"),
-            *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return d / "cert.pem", d / "key.pem"
 
 
 def test_tls_on_grpc_and_http(tls_pair, tile):

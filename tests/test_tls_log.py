@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import time
 import urllib.request
 
@@ -28,23 +26,6 @@ from bridge.service.logs import native_event
 from support.serve import ServeProcess
 
 WEIGHTS = "bridge/weights/nuclick_default.pt"
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
-            *("-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=localhost"),
-            *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return d / "cert.pem", d / "key.pem"
 
 
 def _address(hostport: str) -> tuple[str, int]:
@@ -71,8 +52,8 @@ def distrusting_tls(hostport: str) -> str:
     return me
 
 
-def test_failed_handshakes_are_one_json_line_each_with_the_peer(cert):
-    cert_pem, key_pem = cert
+def test_failed_handshakes_are_one_json_line_each_with_the_peer(tls_pair):
+    cert_pem, key_pem = tls_pair
     with ServeProcess(WEIGHTS, "--tls-cert", str(cert_pem), "--tls-key", str(key_pem)) as server:
         bad = {
             "grpc plain": plain_http(server.grpc),
