@@ -6,7 +6,7 @@ Usage (what tests/test_no_torch.py runs when no torch-free venv is given)::
     python tests/support/no_engine.py path/to/program.py ARGS...
 
 An import hook first on ``sys.meta_path`` makes every module of
-:data:`ENGINE_MODULES` absent: importing one raises ``ModuleNotFoundError``
+:data:`HIDDEN` (the engine and onnx extras) absent: importing one raises ``ModuleNotFoundError``
 with its ``name``, exactly what Python raises for a package that is not
 installed, so the program cannot tell the difference.  ``make test-no-torch``
 runs the same tests in a real venv without the engine extra.
@@ -19,12 +19,14 @@ import runpy
 import sys
 
 # What only `pip install 'nuclick-bridge[engine]'` brings (pyproject.toml); = bridge.cli.ENGINE_MODULES.
-ENGINE_MODULES = frozenset({"torch", "grpc_reflection", "prometheus_client", "onnx", "onnxruntime"})
+ENGINE_MODULES = frozenset({"torch", "grpc_reflection", "prometheus_client"})
+# A client install lacks the `onnx` extra (--backend onnxruntime) too.
+HIDDEN = ENGINE_MODULES | {"onnx", "onnxruntime"}
 
 
 class _Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ENGINE_MODULES:
+        if name.partition(".")[0] in HIDDEN:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
