@@ -482,7 +482,6 @@ class NuClickClient:
         from bridge.nuclick.segmentation import Segmentation
 
         clicks = list(clicks)
-        results: list[NucleusResult | None] = [None] * len(clicks)
         tiles = self.iter_tiled(
             reader,
             clicks,
@@ -491,10 +490,7 @@ class NuClickClient:
             progress=progress,
             concurrency=concurrency,
         )
-        for k, r in tiles:
-            results[k] = r
-        assert all(r is not None for r in results)
-        return Segmentation(results, [None] * len(clicks))  # type: ignore[arg-type]
+        return Segmentation.collect(len(clicks), ((k, r, None) for k, r in tiles))
 
     def iter_tiled(
         self,

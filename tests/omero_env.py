@@ -32,3 +32,13 @@ def skip_reason() -> str | None:
     if omero_installed() or os.environ.get("CI"):
         return None
     return INSTALL_HINT
+
+
+def connect_real_server():
+    """A session on the real OMERO server that OMERO_HOST, OMERO_USER,
+    OMERO_PASSWORD (and OMERO_PORT, default 4064) name, for the tests marked
+    to need one."""
+    from bridge.connectors.omero.gateway import connect
+
+    env = os.environ
+    return connect(env["OMERO_HOST"], env["OMERO_USER"], env["OMERO_PASSWORD"], port=int(env.get("OMERO_PORT", "4064")))

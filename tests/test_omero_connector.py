@@ -784,12 +784,7 @@ def test_command_end_to_end(small_server, monkeypatch, capsys):
 def test_real_server_round_trip(segmenter):
     """Dry run on OMERO_TEST_IMAGE; with OMERO_TEST_WRITE=1 also writes, re-runs (writes nothing),
     then deletes what it wrote (only our ROIs)."""
-    conn = connect(
-        os.environ["OMERO_HOST"],
-        os.environ["OMERO_USER"],
-        os.environ["OMERO_PASSWORD"],
-        port=int(os.environ.get("OMERO_PORT", "4064")),
-    )
+    conn = omero_env.connect_real_server()
     try:
         image = os.environ.get("OMERO_TEST_IMAGE")
         if not image:

@@ -432,14 +432,7 @@ def test_shell_without_the_package_says_what_to_install(monkeypatch, capsys):
 )
 def test_real_server_dry_run_job(nuclick):
     """A dry run of the script's logic in a real session (nothing is written)."""
-    from bridge.connectors.omero.gateway import connect
-
-    conn = connect(
-        os.environ["OMERO_HOST"],
-        os.environ["OMERO_USER"],
-        os.environ["OMERO_PASSWORD"],
-        port=int(os.environ.get("OMERO_PORT", "4064")),
-    )
+    conn = omero_env.connect_real_server()
     try:
         params = script.ScriptParams("Image", (int(os.environ["OMERO_TEST_IMAGE"]),), nuclick[0], None, dry_run=True)
         lines: list[str] = []

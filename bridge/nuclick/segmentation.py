@@ -5,7 +5,7 @@ every method (NuClick and the watershed baseline)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,17 @@ class Segmentation:
 
     results: list[NucleusResult]
     masks: list[PatchMask | None]  # cropped to each nucleus
+
+    @classmethod
+    def collect(cls, count: int, stream: Iterable[tuple[int, NucleusResult, PatchMask | None]]) -> Segmentation:
+        """Click order from a tiled run's stream, whose ``(click index, result,
+        mask)`` arrive in any order, one per click."""
+        results: list[NucleusResult | None] = [None] * count
+        masks: list[PatchMask | None] = [None] * count
+        for k, result, mask in stream:
+            results[k], masks[k] = result, mask
+        assert all(r is not None for r in results)
+        return cls(results, masks)  # type: ignore[arg-type]
 
     def instance_map(self, height: int, width: int, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
         """uint32 map of the window (origin, height, width): 0 background,
@@ -184,11 +195,7 @@ class PatchSegmenter:
         """Same answer as :meth:`segment`, but the pixels are read once per tile
         of nearby clicks (see ``bridge.nuclick.tiling``), for whole-slide images."""
         clicks = list(clicks)
-        results: list[NucleusResult | None] = [None] * len(clicks)
-        masks: list[PatchMask | None] = [None] * len(clicks)
-        for k, result, pm in self.iter_tiled(reader, clicks, max_tile, progress, with_masks=True):
-            results[k], masks[k] = result, pm
-        return Segmentation(results, masks)  # type: ignore[arg-type]
+        return Segmentation.collect(len(clicks), self.iter_tiled(reader, clicks, max_tile, progress, with_masks=True))
 
     def iter_tiled(
         self,
