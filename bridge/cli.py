@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="chance that a neighbour's click is left out of a training patch's exclusion map (default: 0.1)",
     )
+    p.add_argument(
+        "--augment",
+        choices=["standard", "strong"],
+        default="standard",
+        help="augmentation: standard = scale 0.9-1.1 and mild stain jitter (the shipped weights); strong = "
+        "scale 0.8-1.25 and twice the stain jitter, for scanners and stains unlike the training data",
+    )
     p.add_argument("--sigma", type=float, default=2.0, help="Gaussian sigma of the guidance maps (px)")
     p.add_argument("--jitter", type=float, default=5.0, help="click jitter in training (px)")
     p.add_argument(

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 from scipy import ndimage as ndi
+from skimage.color import rgb2hed
 
 from bridge.evaluation.datasets import load_split
 from bridge.model.network import NuClickNet
 from bridge.model.weights import load_model
 from bridge.nuclick.postprocess import MIN_OBJECT_PX
+from bridge.train.augment import AUGMENT_POLICIES, colour
 from bridge.train.data import NEIGHBOUR_WEIGHT, NucleusPatches, sample_index
 from bridge.train.loop import TrainConfig, train
 from bridge.train.loss import nuclick_loss
@@ -36,7 +38,8 @@ def tiny_set(data_root, tmp_path_factory):
     return root
 
 
-def test_samples_follow_the_paper(tiny_set):
+@pytest.mark.parametrize("policy", ["standard", "strong"])
+def test_samples_follow_the_paper(tiny_set, policy):
     items = load_split(tiny_set, "train")
     index = sample_index(items)
     # every nucleus of at least MIN_OBJECT_PX pixels is a target, those cut by the tile edge included
@@ -53,7 +56,7 @@ def test_samples_follow_the_paper(tiny_set):
         if np.isin(inst, np.concatenate([items[i].labels[[0, -1]].ravel(), items[i].labels[:, [0, -1]].ravel()]))
     ]
     assert cut, "these tiles have nuclei cut by the edge"
-    ds = NucleusPatches(items, size=128, sigma=2.0, jitter=5.0, drop_neighbour=0.0, seed=0)
+    ds = NucleusPatches(items, size=128, sigma=2.0, jitter=5.0, drop_neighbour=0.0, seed=0, policy=policy)
     for k in cut[:4]:  # an edge-cut target is its visible part, next to the zero padding
         x, y, _ = (t.numpy() for t in ds[k])
         padding = (x[:3] == 0).all(0)
@@ -76,6 +79,23 @@ def test_samples_follow_the_paper(tiny_set):
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True)), "samples are reproducible"
     ds.epoch = 1
     assert not torch.equal(ds[3][0], a[0]), "clicks and augmentation change every epoch"
+
+
+def test_strong_augmentation_widens_scale_and_stain(monuseg_pair):
+    rng = np.random.default_rng(0)
+    standard, strong = AUGMENT_POLICIES["standard"], AUGMENT_POLICIES["strong"]
+    s = np.array([standard.draw_scale(rng) for _ in range(2000)])
+    w = np.array([strong.draw_scale(rng) for _ in range(2000)])
+    assert 0.9 <= s.min() < 0.91 and 1.09 < s.max() <= 1.1, "the shipped weights' range"
+    assert 0.8 <= w.min() < 0.82 and 1.23 < w.max() <= 1.25
+    # the same draws move a real patch's stains further under the strong policy
+    image = monuseg_pair[0][:128, :128]
+    spread = {}
+    for name, policy in AUGMENT_POLICIES.items():
+        r = np.random.default_rng(1)
+        hed = [rgb2hed(colour(image, r, policy) / 255.0)[..., 0].mean() for _ in range(60)]
+        spread[name] = float(np.std(hed))
+    assert spread["strong"] > 1.3 * spread["standard"] > 0
 
 
 def test_loss_punishes_leaking_into_a_neighbour_ten_times_harder():

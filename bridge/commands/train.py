@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         ema_decay=args.ema_decay,
         drop_neighbour=args.drop_neighbours,
+        augment=args.augment,
     )
     meta = {
         "name": spec.label,

@@ -14,7 +14,7 @@ from bridge.evaluation.datasets import LabelledImage
 from bridge.nuclick.guidance import gaussian_map
 from bridge.nuclick.postprocess import MIN_OBJECT_PX
 from bridge.nuclick.segmentation import valid_window
-from bridge.train.augment import colour, crop_padded, geometric, resize_to
+from bridge.train.augment import AUGMENT_POLICIES, colour, crop_padded, geometric, resize_to
 
 NEIGHBOUR_WEIGHT = 10.0
 
@@ -50,12 +50,14 @@ class NucleusPatches(Dataset):
         augment: bool = True,
         drop_neighbour: float = 0.1,
         seed: int = 0,
+        policy: str = "standard",
     ) -> None:
         self.images = images
         self.index = sample_index(images)
         self.size, self.sigma, self.jitter = size, sigma, jitter
         self.augment, self.drop_neighbour = augment, drop_neighbour
         self.seed = seed
+        self.policy = AUGMENT_POLICIES[policy]
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -65,7 +67,7 @@ class NucleusPatches(Dataset):
         img_i, inst, cr, cc = (int(v) for v in self.index[k])
         item = self.images[img_i]
         S = self.size
-        scale = rng.uniform(0.9, 1.1) if self.augment else 1.0
+        scale = self.policy.draw_scale(rng) if self.augment else 1.0
         win = round(S * scale)
         shift = rng.uniform(-self.jitter, self.jitter, 2) if self.augment else np.zeros(2)
         x0 = round(cc + shift[0]) - win // 2
@@ -80,7 +82,7 @@ class NucleusPatches(Dataset):
         if self.augment:
             image, labels = geometric(image, labels, rng)
         valid = image[..., 3] >= 128
-        image = colour(image[..., :3], rng) if self.augment else image[..., :3]
+        image = colour(image[..., :3], rng, self.policy) if self.augment else image[..., :3]
         image = np.where(valid[..., None], image, 0)
         labels = np.where(valid, labels, 0)
         target = labels == inst

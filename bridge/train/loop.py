@@ -55,6 +55,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     ema_decay: float = 0.999  # 0: no moving average; validate and ship the raw weights
     drop_neighbour: float = 0.1  # chance that a neighbour's click is left out of the exclusion map
+    augment: str = "standard"  # a name in bridge.train.augment.AUGMENT_POLICIES
     pretrained: bool = True  # start an EfficientNet-Lite encoder from its ImageNet weights
 
     def __post_init__(self) -> None:
@@ -135,7 +136,13 @@ def train(
     log_path = out.with_suffix(".log.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     ds = NucleusPatches(
-        train_items, cfg.patch_size, cfg.sigma, cfg.jitter, drop_neighbour=cfg.drop_neighbour, seed=cfg.seed
+        train_items,
+        cfg.patch_size,
+        cfg.sigma,
+        cfg.jitter,
+        drop_neighbour=cfg.drop_neighbour,
+        seed=cfg.seed,
+        policy=cfg.augment,
     )
     per_epoch = cfg.samples_per_epoch or len(ds)
     steps_per_epoch = max(1, per_epoch // cfg.batch_size)
