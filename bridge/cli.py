@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="effunet-lite0",
         metavar="ARCH",
         help="network: effunet-lite0, effunet-lite1 or effunet-lite2 = U-Net on an ImageNet-pretrained "
-        "EfficientNet-LiteN encoder; nuclick = the published NuClick topology (scaled by --width)",
+        "EfficientNet-LiteN encoder; effunet-lite0-edge = Lite0 plus a full-resolution refinement for outlines "
+        "(--init with Lite0 weights grows it from them); nuclick = the published NuClick topology (scaled by --width)",
     )
     p.add_argument(
         "--width",

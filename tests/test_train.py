@@ -238,6 +238,36 @@ def test_init_weights_of_another_architecture_are_refused_before_training(tiny_s
     assert not out.exists() and not out.with_suffix(".ckpt").exists()
 
 
+def test_edge_network_grows_from_trained_lite0_weights_with_their_outputs(tiny_set, tmp_path):
+    """`train --arch effunet-lite0-edge --init LITE0.pt` starts from exactly the
+    Lite0 network's outputs; other files, and the reverse direction, are refused."""
+    from bridge.errors import BridgeInputError
+    from bridge.model.architectures import build, parse_arch
+    from bridge.model.weights import default_weights_path, save_weights
+    from bridge.train.loop import start_from
+
+    lite0, info = load_model(default_weights_path())  # the shipped, trained Lite0
+    assert info.arch == "effunet-lite0"
+    spec = parse_arch("effunet-lite0-edge")
+    grown = build(spec)
+    start_from(grown, spec, default_weights_path())
+    grown.eval()
+    x = load_split(tiny_set, "val")[0].image[:128, :128]
+    batch = torch.zeros(1, 5, 128, 128)
+    batch[0, :3] = torch.from_numpy(x.transpose(2, 0, 1) / 255.0)
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    batch[0, 3] = torch.exp(-((yy - 64) ** 2 + (xx - 64) ** 2) / 8)
+    with torch.no_grad():
+        assert torch.equal(grown(batch), lite0(batch))
+        assert any(p.abs().sum() > 0 for p in grown.refine.parameters()), "the new block is not all zero"
+    save_weights(tmp_path / "edge.pt", grown, {})
+    with pytest.raises(BridgeInputError, match=r"edge\.pt are effunet-lite0-edge, not effunet-lite0"):
+        start_from(build(parse_arch("effunet-lite0")), parse_arch("effunet-lite0"), tmp_path / "edge.pt")
+    save_weights(tmp_path / "quarter.pt", NuClickNet(0.25), {})
+    with pytest.raises(BridgeInputError, match=r"quarter\.pt are nuclick-w0\.25, not effunet-lite0-edge"):
+        start_from(build(spec), spec, tmp_path / "quarter.pt")
+
+
 def test_weight_average_follows_training_from_the_first_steps():
     """The moving average starts short: after 100 updates towards a weight that
     moved from 0 to 1, the average is past 0.9 (a fixed 0.999 would be at 0.1),

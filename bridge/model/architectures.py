@@ -47,7 +47,15 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "effunet-lite0": lambda: EffUNet("lite0"),
     "effunet-lite1": lambda: EffUNet("lite1"),
     "effunet-lite2": lambda: EffUNet("lite2"),
+    # Lite0 plus a 16-channel full-resolution refinement for outlines (EdgeRefinement)
+    "effunet-lite0-edge": lambda: EffUNet("lite0", refine=16),
 }
+
+
+# A network that extends another: `train --init` may start it from that one's
+# trained weights, every shared layer copied and the new parts at their identity
+# start (EdgeRefinement's last BatchNorm is zero), so it begins with their outputs.
+GROWS_FROM = {"effunet-lite0-edge": "effunet-lite0"}
 
 
 def parse_arch(name: str, width: float | None = None) -> ArchSpec:
@@ -84,5 +92,5 @@ def spec_of(model: nn.Module) -> ArchSpec:
     if isinstance(model, NuClickNet):
         return ArchSpec("nuclick", {"width": model.width})
     if isinstance(model, EffUNet):
-        return ArchSpec(f"effunet-{model.variant}")
+        return ArchSpec(f"effunet-{model.variant}" + ("-edge" if model.refine is not None else ""))
     raise ValueError(f"{type(model).__name__} is not a registered architecture")

@@ -171,11 +171,30 @@ class FullResolutionStage(nn.Module):
         return self.refine(torch.relu(up + self.raw(x)))
 
 
+class EdgeRefinement(nn.Module):
+    """A residual block at full resolution that looks at the raw pixels again
+    beside the last stage's features, for outlines (SQ) rather than detection.
+    Its last BatchNorm starts at zero scale, so a network grown from trained
+    weights starts with exactly their outputs and fine-tuning only adds."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvBnRelu(channels + IN_CHANNELS, hidden),
+            nn.Conv2d(hidden, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        nn.init.zeros_(self.body[-1].weight)
+
+    def forward(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(f + self.body(torch.cat([f, x], 1)))
+
+
 class EffUNet(nn.Module):
     """5 channels in (RGB in [0, 1], inclusion, exclusion), one logit map out,
     same contract as :class:`bridge.model.network.NuClickNet`."""
 
-    def __init__(self, variant: str = "lite0") -> None:
+    def __init__(self, variant: str = "lite0", refine: int = 0) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -189,6 +208,8 @@ class EffUNet(nn.Module):
         self.dec4 = DecoderStage(d8, c4, d4, 2)
         self.dec2 = DecoderStage(d4, c2, d2, 1)
         self.dec1 = FullResolutionStage(d2, d1)
+        # refine > 0: an EdgeRefinement of that many hidden channels after the last stage
+        self.refine = EdgeRefinement(d1, refine) if refine else None
         self.head = nn.Conv2d(d1, 1, 1)
         # Lite models take (x * 255 - 127) / 128; RGB arrives in [0, 1].
         self.register_buffer("rgb_scale", torch.tensor(255.0 / 128.0), persistent=False)
@@ -206,7 +227,10 @@ class EffUNet(nn.Module):
         d = self.dec8(d, s8, g8)
         d = self.dec4(d, s4, g4)
         d = self.dec2(d, s2, g2)
-        return self.head(self.dec1(d, x))
+        f = self.dec1(d, x)
+        if self.refine is not None:
+            f = self.refine(f, x)
+        return self.head(f)
 
 
 def _conv_bn_names(seq: nn.Sequential) -> list[str]:

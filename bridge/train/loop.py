@@ -23,7 +23,7 @@ from tqdm import tqdm
 from bridge.errors import BridgeInputError
 from bridge.evaluation.datasets import LabelledImage
 from bridge.evaluation.evaluate import evaluate
-from bridge.model.architectures import build, parse_arch
+from bridge.model.architectures import GROWS_FROM, ArchSpec, build, parse_arch
 from bridge.model.effunet import EffUNet, load_pretrained_encoder
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, save_weights
@@ -117,6 +117,21 @@ def validate(model: nn.Module, cfg: TrainConfig, val: dict[str, list[LabelledIma
     return out
 
 
+def start_from(model: nn.Module, spec: ArchSpec, init: Path) -> None:
+    """Load ``--init`` weights into ``model``: the same architecture, or the one
+    it grows from (``GROWS_FROM``), whose weights fill every shared layer while
+    the new parts keep their identity start."""
+    start_model, start_info = load_model(init)
+    if start_info.arch == spec.label:
+        model.load_state_dict(start_model.state_dict())
+        return
+    if GROWS_FROM.get(spec.label) != start_info.arch:
+        raise BridgeInputError(f"--init weights {init.name} are {start_info.arch}, not {spec.label}")
+    missing, unexpected = model.load_state_dict(start_model.state_dict(), strict=False)
+    if unexpected or not all(k.startswith("refine.") for k in missing):
+        raise BridgeInputError(f"--init weights {init.name} do not fit {spec.label}")
+
+
 def train(
     cfg: TrainConfig,
     train_items: list[LabelledImage],
@@ -153,10 +168,7 @@ def train(
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_aji": -1.0, "history": []}
     src = resume if resume is not None else (ckpt_path if ckpt_path.is_file() else None)
     if init is not None and src is None:  # fine-tune from trained weights; a checkpoint of this run wins
-        start_model, start_info = load_model(init)
-        if start_info.arch != spec.label:
-            raise BridgeInputError(f"--init weights {init.name} are {start_info.arch}, not {spec.label}")
-        model.load_state_dict(start_model.state_dict())
+        start_from(model, spec, init)
         log.info("starting from the weights in %s", init)
     elif src is None and cfg.pretrained and isinstance(model, EffUNet):
         load_pretrained_encoder(model)
