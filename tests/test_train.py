@@ -131,13 +131,20 @@ def test_network_learns_real_nuclei(tiny_set):
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
 
 
-@pytest.mark.parametrize("arch", ["nuclick", "effunet-lite0"])
-def test_training_checkpoints_resumes_and_writes_loadable_weights(tiny_set, tmp_path, arch):
+@pytest.mark.parametrize(("arch", "patch"), [("nuclick", 128), ("effunet-lite0", 96)])
+def test_training_checkpoints_resumes_and_writes_loadable_weights(tiny_set, tmp_path, arch, patch):
     train_items = load_split(tiny_set, "train")
     val = {"tiny": load_split(tiny_set, "val")}
     out = tmp_path / "w.pt"
     cfg = TrainConfig(
-        arch=arch, width=0.125, epochs=1, batch_size=4, samples_per_epoch=8, checkpoint_every=1, threads=2
+        arch=arch,
+        width=0.125,
+        epochs=1,
+        batch_size=4,
+        samples_per_epoch=8,
+        checkpoint_every=1,
+        threads=2,
+        patch_size=patch,
     )
     state = train(cfg, train_items, val, out, torch.device("cpu"), meta={"name": "tiny"})
     assert state["epoch"] == 1 and state["step"] == 2
@@ -154,6 +161,7 @@ def test_training_checkpoints_resumes_and_writes_loadable_weights(tiny_set, tmp_
     assert any(not torch.equal(first[k], second[k]) for k in first)
     _, info = load_model(out)
     assert info.name == "tiny" and info.arch == ("nuclick-w0.125" if arch == "nuclick" else arch)
+    assert info.patch_size == patch, "inference cuts the patch size the network was trained on"
     # OUT holds the epoch with the best mean validation AJI, and says which it is
     best = max(records, key=lambda r: r["mean_aji"])
     assert info.extra["epoch"] == best["epoch"] and info.extra["val"] == best["val"]

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         spec = parse_arch(args.arch, args.width)
     except ValueError as exc:
         raise BridgeInputError(str(exc)) from exc
+    if args.patch_size < 32 or args.patch_size % 32:
+        raise BridgeInputError(f"--patch-size must be a multiple of 32 (the encoder's stride), not {args.patch_size}")
 
     roots = [Path(d) for d in args.data]
     for r in roots:
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay,
         drop_neighbour=args.drop_neighbours,
         augment=args.augment,
+        patch_size=args.patch_size,
     )
     meta = {
         "name": spec.label,
