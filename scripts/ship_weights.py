@@ -63,6 +63,28 @@ downloaded at run time: the wheel is read once when training starts, and these w
 """
 
 
+def _training_words(meta: dict) -> str:
+    """The card's training line: one run, or the runs an average was made of."""
+    if "averaged_from" not in meta:
+        return (
+            f"best epoch {meta.get('epoch')} by mean validation AJI; config `{json.dumps(meta.get('train_config'))}`;\n"
+            f"  code commit `{meta.get('code_commit')}`."
+        )
+    parts = []
+    for run in meta["averaged_from"]:
+        cfg = run.get("train_config") or {}
+        start = f", started from `{run['init']}`" if run.get("init") else ""
+        parts.append(
+            f"`{Path(run['file']).name}` (version `{run['version']}`, best epoch {run.get('epoch')}{start}; "
+            f"config `{json.dumps(cfg)}`; code commit `{run.get('code_commit')}`)"
+        )
+    return (
+        f"the parameter-wise average of {len(parts)} weights files (`scripts/average_weights.py`): "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("weights", type=Path)
@@ -130,8 +152,7 @@ def main() -> None:
   {n_train["consep_tiles"]} tiles); nuclei cut
   by an image border are targets as their visible part (since commit 05bec01; earlier runs skipped them).
   Everything (width, sigma, threshold, epochs) was chosen on the `val` splits only.
-- **Training**: best epoch {meta.get("epoch")} by mean validation AJI; config `{json.dumps(meta.get("train_config"))}`;
-  code commit `{meta.get("code_commit")}`.
+- **Training**: {_training_words(meta)}
 - **Command**:
   ```
   {args.command}

@@ -1,0 +1,59 @@
+"""scripts/average_weights.py: the parameter-wise average of weights files of
+one architecture, on the shipped weights."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridge.model.network import NuClickNet
+from bridge.model.weights import default_weights_path, load_model, save_weights
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "average_weights.py"
+
+
+@pytest.fixture(scope="module")
+def avg():
+    spec = importlib.util.spec_from_file_location("average_weights", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_average_is_the_mean_of_every_parameter_and_records_its_sources(avg, tmp_path):
+    shipped, info = load_model(default_weights_path())
+    moved, _ = load_model(default_weights_path())
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.25)
+    other = tmp_path / "moved.pt"
+    save_weights(other, moved, {"name": info.name, "epoch": 3})
+    out = tmp_path / "soup.pt"
+    assert avg.main([str(out), str(default_weights_path()), str(other)]) == 0
+    soup, soup_info = load_model(out)
+    a, b, s = shipped.state_dict(), load_model(other)[0].state_dict(), soup.state_dict()
+    for k in (k for k, v in a.items() if v.is_floating_point()):
+        # files hold fp16: the mean of the stored values, up to one more fp16 rounding
+        torch.testing.assert_close(s[k], (a[k] + b[k]) / 2, rtol=1e-3, atol=1e-3)
+    name = next(k for k, _ in shipped.named_parameters())
+    assert (s[name] - a[name]).abs().mean().item() == pytest.approx(0.125, abs=1e-3)
+    assert soup_info.arch == info.arch and soup_info.patch_size == info.patch_size
+    sources = soup_info.extra["averaged_from"]
+    assert [r["version"] for r in sources] == [info.version, load_model(other)[1].version]
+    assert sources[0]["epoch"] == info.extra["epoch"] and sources[1]["epoch"] == 3
+    assert "epoch" not in soup_info.extra and "val" not in soup_info.extra, "one run's facts are not the average's"
+
+
+def test_files_of_different_architectures_are_refused_in_one_line(avg, tmp_path, capsys):
+    quarter = tmp_path / "quarter.pt"
+    save_weights(quarter, NuClickNet(0.25), {})
+    out = tmp_path / "soup.pt"
+    assert avg.main([str(out), str(default_weights_path()), str(quarter)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different architectures" in err[0] and "nuclick-w0.25" in err[0]
+    assert avg.main([str(out), str(default_weights_path())]) == 2
+    assert "at least two" in capsys.readouterr().err
+    assert not out.exists()
