@@ -59,6 +59,10 @@ def engine_for(
             "shipped",
             (count_parameters(model)),
         )
+    if label.endswith(".pt"):  # a trained weights file, e.g. one trained on another patch size
+        model, info = load_model(label)
+        engine = NuClickEngine(model, info, device=device, batch_size=batch_size, precision=precision, backend=backend)
+        return engine, f"weights {Path(label).name}", count_parameters(model)
     torch.manual_seed(0)
     spec = from_label(label)
     model = build(spec)
@@ -116,8 +120,9 @@ def main() -> None:
     ap.add_argument(
         "--compare",
         default="nuclick-w0.25",
-        help="comma-separated architectures to time beside the default, e.g. "
-        "nuclick-w0.25,effunet-lite1,effunet-lite2 (the published nuclick-w1 is always timed)",
+        help="comma-separated architectures (random weights) or weights files (*.pt, with their own patch "
+        "size) to time beside the default, e.g. nuclick-w0.25,effunet-lite1,runs/ft96/ft_96.pt "
+        "(the published nuclick-w1 is always timed)",
     )
     args = ap.parse_args()
     root = Path(args.data) / "monuseg"
@@ -140,24 +145,26 @@ def main() -> None:
             if backend == "onnxruntime" and (precision != "fp32" or device.type != "cpu"):
                 continue
             engine, source, n_params = engine_for(label, device, args.batch_size, precision, backend)
-            key = f"{label}/{engine.precision}/{engine.backend}"
+            name = Path(label).stem if label.endswith(".pt") else label
+            key = f"{name}/{engine.precision}/{engine.backend}"
             if key in rows:  # auto resolved to fp32 here
                 continue
             if engine.backend == "torch":
-                gflop[label] = gflop_per_patch(engine)
+                gflop[name] = gflop_per_patch(engine)
             run_once(engine, image, clicks[:64])  # warm-up
             best = min(run_once(engine, image, clicks) for _ in range(args.repeats))
             rows[key] = {
                 "arch": engine.info.arch,
                 "source": source,
                 "params_m": round(n_params / 1e6, 2),
-                "gflop_per_patch": round(gflop.get(label, float("nan")), 3),
+                "gflop_per_patch": round(gflop.get(name, float("nan")), 3),
                 "nuclei_per_s": round(len(clicks) / best, 1),
                 "network_s_per_batch": round(network_seconds(engine, args.repeats), 4),
             }
             r = rows[key]
             print(
-                f"{key}: {r['arch']} ({r['params_m']}M params, {source}, {r['gflop_per_patch']} GFLOP/patch): "
+                f"{key}: {r['arch']} ({r['params_m']}M params, {source}, patch {engine.patch_size}, "
+                f"{r['gflop_per_patch']} GFLOP/patch): "
                 f"{best:.2f} s, {r['nuclei_per_s']} nuclei/s; network alone {r['network_s_per_batch']:.3f} s "
                 f"per batch of {engine.batch_size}",
                 flush=True,
