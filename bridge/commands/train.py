@@ -14,7 +14,10 @@ from bridge.evaluation.datasets import check_trainable, load_split
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        # the package's own checkout, wherever the command is run from
+        here = str(Path(__file__).resolve().parent)
+        cmd = ["git", "-C", here, "rev-parse", "HEAD"]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
     except Exception:
         return "unknown"
 
