@@ -120,6 +120,7 @@ def main() -> None:
         "train_config": meta.get("train_config"),
         "train_split": meta.get("train_split"),
         "code_commit": meta.get("code_commit"),
+        "averaged_from": meta.get("averaged_from"),
         "validation_precision": engine.precision,
         "validation_jitter5_seed0": val,
         "validation_by_nucleus_area": {n: [_finite(asdict(b)) for b in bins] for n, bins in sizes.items()},

@@ -29,10 +29,11 @@ def test_average_is_the_mean_of_every_parameter_and_records_its_sources(avg, tmp
     with torch.no_grad():
         for p in moved.parameters():
             p.add_(0.25)
-    other = tmp_path / "moved.pt"
+    first, other = tmp_path / "first.pt", tmp_path / "moved.pt"
+    save_weights(first, shipped, {"name": info.name, "epoch": 9, "val": {"monuseg": {"aji": 0.7}}})
     save_weights(other, moved, {"name": info.name, "epoch": 3})
     out = tmp_path / "soup.pt"
-    assert avg.main([str(out), str(default_weights_path()), str(other)]) == 0
+    assert avg.main([str(out), str(first), str(other)]) == 0
     soup, soup_info = load_model(out)
     a, b, s = shipped.state_dict(), load_model(other)[0].state_dict(), soup.state_dict()
     for k in (k for k, v in a.items() if v.is_floating_point()):
@@ -42,8 +43,8 @@ def test_average_is_the_mean_of_every_parameter_and_records_its_sources(avg, tmp
     assert (s[name] - a[name]).abs().mean().item() == pytest.approx(0.125, abs=1e-3)
     assert soup_info.arch == info.arch and soup_info.patch_size == info.patch_size
     sources = soup_info.extra["averaged_from"]
-    assert [r["version"] for r in sources] == [info.version, load_model(other)[1].version]
-    assert sources[0]["epoch"] == info.extra["epoch"] and sources[1]["epoch"] == 3
+    assert [r["version"] for r in sources] == [load_model(first)[1].version, load_model(other)[1].version]
+    assert sources[0]["epoch"] == 9 and sources[1]["epoch"] == 3
     assert "epoch" not in soup_info.extra and "val" not in soup_info.extra, "one run's facts are not the average's"
 
 
