@@ -53,9 +53,10 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 
 
 # A network that extends another: `train --init` may start it from that one's
-# trained weights, every shared layer copied and the new parts at their identity
-# start (EdgeRefinement's last BatchNorm is zero), so it begins with their outputs.
-GROWS_FROM = {"effunet-lite0-edge": "effunet-lite0"}
+# trained weights, every shared layer copied and the new parts (the parameters
+# under the given prefix) at their identity start (EdgeRefinement's last
+# BatchNorm is zero), so it begins with their outputs.
+GROWS_FROM: dict[str, tuple[str, str]] = {"effunet-lite0-edge": ("effunet-lite0", "refine.")}
 
 
 def parse_arch(name: str, width: float | None = None) -> ArchSpec:
