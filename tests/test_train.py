@@ -276,6 +276,35 @@ def test_edge_network_grows_from_trained_lite0_weights_with_their_outputs(tiny_s
         start_from(build(spec), spec, tmp_path / "quarter.pt")
 
 
+def test_magnified_network_grows_from_trained_lite0_weights_as_lite0_on_a_larger_view(tiny_set):
+    """`train --arch effunet-lite0-x2 --init LITE0.pt` takes every Lite0 weight;
+    the network is then Lite0 run on the patch magnified twice (bilinear), its
+    logits averaged back to the patch's own pixels."""
+    import torch.nn.functional as F
+
+    from bridge.model.architectures import build, parse_arch
+    from bridge.model.weights import default_weights_path
+    from bridge.train.loop import start_from
+
+    lite0, _ = load_model(default_weights_path())
+    spec = parse_arch("effunet-lite0-x2")
+    grown = build(spec)
+    start_from(grown, spec, default_weights_path())
+    grown.eval()
+    x = load_split(tiny_set, "val")[0].image[:64, :64]
+    batch = torch.zeros(1, 5, 64, 64)
+    batch[0, :3] = torch.from_numpy(x.transpose(2, 0, 1) / 255.0)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    batch[0, 3] = torch.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / 8)
+    with torch.no_grad():
+        out = grown(batch)
+        view = F.interpolate(batch, size=(128, 128), mode="bilinear", align_corners=False)
+        ref = F.avg_pool2d(lite0(view), 2)
+    assert out.shape == (1, 1, 64, 64)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert (out > 0).sum() > 20, "a nucleus is found under the click"
+
+
 def test_weight_average_follows_training_from_the_first_steps():
     """The moving average starts short: after 100 updates towards a weight that
     moved from 0 to 1, the average is past 0.9 (a fixed 0.999 would be at 0.1),

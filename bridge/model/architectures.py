@@ -49,14 +49,21 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "effunet-lite2": lambda: EffUNet("lite2"),
     # Lite0 plus a 16-channel full-resolution refinement for outlines (EdgeRefinement)
     "effunet-lite0-edge": lambda: EffUNet("lite0", refine=16),
+    # Lite0 on the patch magnified twice: small nuclei cover four times the
+    # encoder's cells; same GFLOP as Lite0 at twice the patch size
+    "effunet-lite0-x2": lambda: EffUNet("lite0", zoom=2),
 }
 
 
 # A network that extends another: `train --init` may start it from that one's
 # trained weights, every shared layer copied and the new parts (the parameters
-# under the given prefix) at their identity start (EdgeRefinement's last
-# BatchNorm is zero), so it begins with their outputs.
-GROWS_FROM: dict[str, tuple[str, str]] = {"effunet-lite0-edge": ("effunet-lite0", "refine.")}
+# under the given prefix; "" when there are none) at their identity start
+# (EdgeRefinement's last BatchNorm is zero), so the edge network begins with
+# their outputs; the magnified one begins with their weights on a larger view.
+GROWS_FROM: dict[str, tuple[str, str]] = {
+    "effunet-lite0-edge": ("effunet-lite0", "refine."),
+    "effunet-lite0-x2": ("effunet-lite0", ""),  # the same parameters, seeing a magnified patch
+}
 
 
 def parse_arch(name: str, width: float | None = None) -> ArchSpec:
@@ -93,5 +100,7 @@ def spec_of(model: nn.Module) -> ArchSpec:
     if isinstance(model, NuClickNet):
         return ArchSpec("nuclick", {"width": model.width})
     if isinstance(model, EffUNet):
-        return ArchSpec(f"effunet-{model.variant}" + ("-edge" if model.refine is not None else ""))
+        edge = "-edge" if model.refine is not None else ""
+        zoom = f"-x{model.zoom}" if model.zoom > 1 else ""
+        return ArchSpec(f"effunet-{model.variant}{edge}{zoom}")
     raise ValueError(f"{type(model).__name__} is not a registered architecture")

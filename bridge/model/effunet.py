@@ -194,11 +194,16 @@ class EffUNet(nn.Module):
     """5 channels in (RGB in [0, 1], inclusion, exclusion), one logit map out,
     same contract as :class:`bridge.model.network.NuClickNet`."""
 
-    def __init__(self, variant: str = "lite0", refine: int = 0) -> None:
+    def __init__(self, variant: str = "lite0", refine: int = 0, zoom: int = 1) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; known: {', '.join(VARIANTS)}")
+        if zoom < 1:
+            raise ValueError(f"zoom must be a whole factor of at least 1, not {zoom}")
         self.variant = variant
+        # zoom > 1: the patch is magnified that many times (bilinear) before the
+        # encoder, and the logits are averaged back to the patch's pixels
+        self.zoom = int(zoom)
         self.encoder = EfficientNetLiteEncoder(variant)
         c2, c4, c8, c16 = (self.encoder.channels[i] for i in _SKIP_STAGES)
         c32 = self.encoder.channels[-1]
@@ -216,6 +221,8 @@ class EffUNet(nn.Module):
         self.register_buffer("rgb_shift", torch.tensor(127.0 / 128.0), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.zoom > 1:
+            x = F.interpolate(x, scale_factor=self.zoom, mode="bilinear", align_corners=False)
         guide = x[:, 3:]
         x = torch.cat([x[:, :3] * self.rgb_scale - self.rgb_shift, guide], 1)
         s2, s4, s8, s16, s32 = self.encoder(x)
@@ -230,7 +237,8 @@ class EffUNet(nn.Module):
         f = self.dec1(d, x)
         if self.refine is not None:
             f = self.refine(f, x)
-        return self.head(f)
+        logits = self.head(f)
+        return F.avg_pool2d(logits, self.zoom) if self.zoom > 1 else logits
 
 
 def _conv_bn_names(seq: nn.Sequential) -> list[str]:

@@ -129,7 +129,7 @@ def start_from(model: nn.Module, spec: ArchSpec, init: Path) -> None:
     if base != start_info.arch:
         raise BridgeInputError(f"--init weights {init.name} are {start_info.arch}, not {spec.label}")
     missing, unexpected = model.load_state_dict(start_model.state_dict(), strict=False)
-    if unexpected or not all(k.startswith(new_part) for k in missing):
+    if unexpected or any(not new_part or not k.startswith(new_part) for k in missing):
         raise BridgeInputError(f"--init weights {init.name} do not fit {spec.label}")
 
 
