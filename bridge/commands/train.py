@@ -23,7 +23,7 @@ def _git_commit() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bridge.model.architectures import parse_arch
+    from bridge.model.architectures import JOINED_FROM, parse_arch
     from bridge.model.weights import resolve_device
     from bridge.train.loop import TrainConfig, train
 
@@ -31,6 +31,12 @@ def run(args: argparse.Namespace) -> int:
         spec = parse_arch(args.arch, args.width)
     except ValueError as exc:
         raise BridgeInputError(str(exc)) from exc
+    if spec.label in JOINED_FROM:
+        script, parts = JOINED_FROM[spec.label]
+        raise BridgeInputError(
+            f"{spec.label} is not trained as a whole: train --arch {' and --arch '.join(parts)}, "
+            f"then join them with {script}"
+        )
     if args.patch_size < 32 or args.patch_size % 32:
         raise BridgeInputError(f"--patch-size must be a multiple of 32 (the encoder's stride), not {args.patch_size}")
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from bridge.model.effunet import EffUNet
 from bridge.model.network import NuClickNet
+from bridge.model.twoscale import TwoScaleUNet
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     # Lite0 on the patch magnified twice: small nuclei cover four times the
     # encoder's cells; same GFLOP as Lite0 at twice the patch size
     "effunet-lite0-x2": lambda: EffUNet("lite0", zoom=2),
+    # the mean of Lite0 on the patch and Lite0-x2 on its centre (scripts/combine_scales.py
+    # joins two trained files); twice Lite0's cost
+    "effunet-lite0-2scale": lambda: TwoScaleUNet("lite0"),
 }
 
 
@@ -63,6 +67,12 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 GROWS_FROM: dict[str, tuple[str, str]] = {
     "effunet-lite0-edge": ("effunet-lite0", "refine."),
     "effunet-lite0-x2": ("effunet-lite0", ""),  # the same parameters, seeing a magnified patch
+}
+
+
+# Networks made by joining trained files, never trained as a whole: name -> (script, parts).
+JOINED_FROM: dict[str, tuple[str, tuple[str, ...]]] = {
+    "effunet-lite0-2scale": ("scripts/combine_scales.py", ("effunet-lite0", "effunet-lite0-x2 --patch-size 64")),
 }
 
 
@@ -99,6 +109,8 @@ def spec_of(model: nn.Module) -> ArchSpec:
         return spec
     if isinstance(model, NuClickNet):
         return ArchSpec("nuclick", {"width": model.width})
+    if isinstance(model, TwoScaleUNet):
+        return ArchSpec(f"effunet-{model.variant}-2scale")
     if isinstance(model, EffUNet):
         edge = "-edge" if model.refine is not None else ""
         zoom = f"-x{model.zoom}" if model.zoom > 1 else ""

@@ -1,0 +1,81 @@
+"""Join a trained Lite0 (whole patch) and a trained Lite0-x2 (the patch's
+centre, magnified twice) into one `effunet-lite0-2scale` weights file.
+
+Why: the two views fail differently (the magnified one draws small nuclei
+better, the wide one keeps the context of large ones), and the mean of their
+logits beats each; shipping them as one file keeps inference one network.
+
+    python scripts/combine_scales.py runs/2scale.pt bridge/weights/nuclick_default.pt runs/x2/x2.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bridge.errors import BridgeInputError
+from bridge.model.architectures import build, parse_arch
+from bridge.model.weights import load_model, save_weights
+
+WIDE, NEAR, JOINED = "effunet-lite0", "effunet-lite0-x2", "effunet-lite0-2scale"
+
+
+def combine(wide_path: Path, near_path: Path):
+    """The joined network and its metadata (the wide file's, plus both sources)."""
+    wide, wi = load_model(wide_path)
+    near, ni = load_model(near_path)
+    if wi.arch != WIDE or ni.arch != NEAR:
+        raise BridgeInputError(
+            f"need {WIDE} then {NEAR} weights; {wide_path.name} is {wi.arch}, {near_path.name} is {ni.arch}"
+        )
+    if ni.patch_size * 2 != wi.patch_size:
+        raise BridgeInputError(
+            f"the {NEAR} patch must be half the {WIDE} patch: {ni.patch_size} px is not half of {wi.patch_size} px"
+        )
+    if ni.sigma != wi.sigma:
+        raise BridgeInputError(f"guidance sigma differs: {wi.sigma:g} px and {ni.sigma:g} px")
+    joined = build(parse_arch(JOINED))
+    joined.wide.load_state_dict(wide.state_dict())
+    joined.near.load_state_dict(near.state_dict())
+    own = ("epoch", "val", "train_config", "init", "code_commit", "averaged_from")
+    meta = {k: v for k, v in wi.extra.items() if k not in own}
+    meta.update(
+        name=JOINED,
+        patch_size=wi.patch_size,
+        sigma=wi.sigma,
+        threshold=wi.threshold,
+        pixel_size_um=wi.pixel_size_um,
+        joined_from=[
+            {
+                "part": part,
+                "file": str(p),
+                "version": i.version,
+                "arch": i.arch,
+                "patch_size": i.patch_size,
+                **{k: i.extra[k] for k in own if k in i.extra and k != "val"},
+            }
+            for part, p, i in (("wide", wide_path, wi), ("near", near_path, ni))
+        ],
+    )
+    return joined, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="where to write the joined weights")
+    ap.add_argument("wide", type=Path, help=f"{WIDE} weights (the whole patch, e.g. 128 px)")
+    ap.add_argument("near", type=Path, help=f"{NEAR} weights trained with half that --patch-size")
+    args = ap.parse_args(argv)
+    try:
+        model, meta = combine(args.wide, args.near)
+        save_weights(args.out, model, meta)
+    except BridgeInputError as exc:
+        print(f"combine_scales: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {JOINED} from {args.wide.name} and {args.near.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

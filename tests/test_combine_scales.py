@@ -1,0 +1,90 @@
+"""scripts/combine_scales.py: a trained Lite0 and a trained Lite0-x2 joined
+into one effunet-lite0-2scale file, on the shipped weights and a real patch."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bridge.model.architectures import build, parse_arch
+from bridge.model.weights import default_weights_path, load_model, save_weights
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "combine_scales.py"
+
+
+@pytest.fixture(scope="module")
+def combine():
+    spec = importlib.util.spec_from_file_location("combine_scales", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def parts(tmp_path):
+    """The shipped wide network, and an x2 network (the shipped one's weights
+    moved a little so that the two views differ) saved at half the patch."""
+    wide, info = load_model(default_weights_path())
+    if info.arch != "effunet-lite0":  # the shipped file is itself a joined one: take its wide part
+        wide = wide.wide
+    near = build(parse_arch("effunet-lite0-x2"))
+    near.load_state_dict(wide.state_dict())
+    with torch.no_grad():
+        near.head.bias.add_(1.0)
+    meta = {k: v for k, v in asdict(info).items() if k in ("sigma", "threshold", "pixel_size_um")}
+    save_weights(tmp_path / "wide.pt", wide, {**meta, "name": "wide", "patch_size": 128, "epoch": 9})
+    save_weights(tmp_path / "near.pt", near, {**meta, "name": "near", "patch_size": 64, "epoch": 4})
+    return tmp_path / "wide.pt", tmp_path / "near.pt"
+
+
+def _real_patch(crop_pair) -> torch.Tensor:
+    img, _ = crop_pair
+    x = torch.zeros(1, 5, 128, 128)
+    x[0, :3] = torch.from_numpy(img[:128, :128].transpose(2, 0, 1) / 255.0)
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    x[0, 3] = torch.exp(-((yy - 64) ** 2 + (xx - 64) ** 2) / 8)
+    return x
+
+
+def test_joined_network_is_the_wide_view_with_the_mean_of_both_in_the_centre(combine, parts, tmp_path, crop_pair):
+    out = tmp_path / "joined.pt"
+    assert combine.main([str(out), str(parts[0]), str(parts[1])]) == 0
+    joined, info = load_model(out)
+    assert info.arch == "effunet-lite0-2scale" and info.patch_size == 128
+    assert [(p["part"], p["patch_size"], p["epoch"]) for p in info.extra["joined_from"]] == [
+        ("wide", 128, 9),
+        ("near", 64, 4),
+    ]
+    wide, near = load_model(parts[0])[0], load_model(parts[1])[0]
+    x = _real_patch(crop_pair)
+    with torch.no_grad():
+        got, w = joined(x), wide(x)
+        n = near(x[..., 32:96, 32:96])
+    torch.testing.assert_close(got[..., :32, :], w[..., :32, :])  # outside the centre: the wide view alone
+    torch.testing.assert_close(got[..., :, 100:], w[..., :, 100:])
+    torch.testing.assert_close(got[..., 32:96, 32:96], (w[..., 32:96, 32:96] + n) / 2, rtol=1e-4, atol=1e-4)
+    assert (got[..., 32:96, 32:96] - w[..., 32:96, 32:96]).abs().mean() > 0.1, "the near view counts"
+    # the near view is Lite0 on the centre magnified twice
+    view = F.interpolate(x[..., 32:96, 32:96], size=(128, 128), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        ref = build(parse_arch("effunet-lite0"))
+        ref.load_state_dict(near.state_dict())
+        torch.testing.assert_close(n, F.avg_pool2d(ref.eval()(view), 2), rtol=0, atol=1e-5)
+
+
+def test_parts_in_the_wrong_order_or_of_the_wrong_size_are_refused_in_one_line(combine, parts, tmp_path, capsys):
+    out = tmp_path / "joined.pt"
+    assert combine.main([str(out), str(parts[1]), str(parts[0])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "near.pt is effunet-lite0-x2" in err[0] and "wide.pt is effunet-lite0" in err[0]
+    near, info = load_model(parts[1])
+    save_weights(tmp_path / "near96.pt", near, {"name": "n", "patch_size": 96, "sigma": info.sigma})
+    assert combine.main([str(out), str(parts[0]), str(tmp_path / "near96.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "96 px is not half of 128 px" in err[0]
+    assert not out.exists()
