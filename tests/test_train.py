@@ -246,25 +246,44 @@ def test_init_weights_of_another_architecture_are_refused_before_training(tiny_s
     assert not out.exists() and not out.with_suffix(".ckpt").exists()
 
 
+def _shipped_lite0(tmp_path):
+    """A Lite0 weights file with trained weights: the shipped file, or the
+    whole-patch part of it when the shipped network is a joined one."""
+    from bridge.model.weights import default_weights_path, save_weights
+
+    model, info = load_model(default_weights_path())
+    if info.arch != "effunet-lite0":
+        assert info.arch == "effunet-lite0-2scale"
+        model = model.wide
+    path = tmp_path / "lite0.pt"
+    save_weights(path, model, {"name": "lite0", "patch_size": 128})
+    return path
+
+
+def _click_patch(tiny_set, size: int) -> torch.Tensor:
+    x = load_split(tiny_set, "val")[0].image[:size, :size]
+    batch = torch.zeros(1, 5, size, size)
+    batch[0, :3] = torch.from_numpy(x.transpose(2, 0, 1) / 255.0)
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    batch[0, 3] = torch.exp(-((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / 8)
+    return batch
+
+
 def test_edge_network_grows_from_trained_lite0_weights_with_their_outputs(tiny_set, tmp_path):
     """`train --arch effunet-lite0-edge --init LITE0.pt` starts from exactly the
     Lite0 network's outputs; other files, and the reverse direction, are refused."""
     from bridge.errors import BridgeInputError
     from bridge.model.architectures import build, parse_arch
-    from bridge.model.weights import default_weights_path, save_weights
+    from bridge.model.weights import save_weights
     from bridge.train.loop import start_from
 
-    lite0, info = load_model(default_weights_path())  # the shipped, trained Lite0
-    assert info.arch == "effunet-lite0"
+    init = _shipped_lite0(tmp_path)
+    lite0, _ = load_model(init)
     spec = parse_arch("effunet-lite0-edge")
     grown = build(spec)
-    start_from(grown, spec, default_weights_path())
+    start_from(grown, spec, init)
     grown.eval()
-    x = load_split(tiny_set, "val")[0].image[:128, :128]
-    batch = torch.zeros(1, 5, 128, 128)
-    batch[0, :3] = torch.from_numpy(x.transpose(2, 0, 1) / 255.0)
-    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
-    batch[0, 3] = torch.exp(-((yy - 64) ** 2 + (xx - 64) ** 2) / 8)
+    batch = _click_patch(tiny_set, 128)
     with torch.no_grad():
         assert torch.equal(grown(batch), lite0(batch))
         assert any(p.abs().sum() > 0 for p in grown.refine.parameters()), "the new block is not all zero"
@@ -276,26 +295,22 @@ def test_edge_network_grows_from_trained_lite0_weights_with_their_outputs(tiny_s
         start_from(build(spec), spec, tmp_path / "quarter.pt")
 
 
-def test_magnified_network_grows_from_trained_lite0_weights_as_lite0_on_a_larger_view(tiny_set):
+def test_magnified_network_grows_from_trained_lite0_weights_as_lite0_on_a_larger_view(tiny_set, tmp_path):
     """`train --arch effunet-lite0-x2 --init LITE0.pt` takes every Lite0 weight;
     the network is then Lite0 run on the patch magnified twice (bilinear), its
     logits averaged back to the patch's own pixels."""
     import torch.nn.functional as F
 
     from bridge.model.architectures import build, parse_arch
-    from bridge.model.weights import default_weights_path
     from bridge.train.loop import start_from
 
-    lite0, _ = load_model(default_weights_path())
+    init = _shipped_lite0(tmp_path)
+    lite0, _ = load_model(init)
     spec = parse_arch("effunet-lite0-x2")
     grown = build(spec)
-    start_from(grown, spec, default_weights_path())
+    start_from(grown, spec, init)
     grown.eval()
-    x = load_split(tiny_set, "val")[0].image[:64, :64]
-    batch = torch.zeros(1, 5, 64, 64)
-    batch[0, :3] = torch.from_numpy(x.transpose(2, 0, 1) / 255.0)
-    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
-    batch[0, 3] = torch.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / 8)
+    batch = _click_patch(tiny_set, 64)
     with torch.no_grad():
         out = grown(batch)
         view = F.interpolate(batch, size=(128, 128), mode="bilinear", align_corners=False)
@@ -303,6 +318,35 @@ def test_magnified_network_grows_from_trained_lite0_weights_as_lite0_on_a_larger
     assert out.shape == (1, 1, 64, 64)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert (out > 0).sum() > 20, "a nucleus is found under the click"
+
+
+def test_fine_tuning_from_a_joined_file_starts_from_its_part_of_that_architecture(tmp_path):
+    """`--init` with a two-scale file (what the package may ship): Lite0 and the
+    edge network start from its whole-patch part, Lite0-x2 from its magnified
+    part; a network it has no part for is refused in one line."""
+    from bridge.errors import BridgeInputError
+    from bridge.model.architectures import build, parse_arch
+    from bridge.model.weights import save_weights
+    from bridge.train.loop import start_from
+
+    lite0, _ = load_model(_shipped_lite0(tmp_path))
+    joined = build(parse_arch("effunet-lite0-2scale"))
+    joined.wide.load_state_dict(lite0.state_dict())
+    joined.near.load_state_dict(lite0.state_dict())
+    with torch.no_grad():
+        joined.near.head.bias.add_(1.0)  # tell the parts apart
+    save_weights(tmp_path / "joined.pt", joined, {"name": "j", "patch_size": 128})
+    stored = load_model(tmp_path / "joined.pt")[0]
+    for name, part in (("effunet-lite0", stored.wide), ("effunet-lite0-x2", stored.near)):
+        net = build(parse_arch(name))
+        start_from(net, parse_arch(name), tmp_path / "joined.pt")
+        for k, v in part.state_dict().items():
+            assert torch.equal(net.state_dict()[k], v), (name, k)
+    edge = build(parse_arch("effunet-lite0-edge"))
+    start_from(edge, parse_arch("effunet-lite0-edge"), tmp_path / "joined.pt")
+    assert torch.equal(edge.head.bias, stored.wide.head.bias)
+    with pytest.raises(BridgeInputError, match=r"joined\.pt are effunet-lite0-2scale, with no nuclick-w0\.25 part"):
+        start_from(NuClickNet(0.25), parse_arch("nuclick", 0.25), tmp_path / "joined.pt")
 
 
 def test_weight_average_follows_training_from_the_first_steps():

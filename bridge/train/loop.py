@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from bridge.errors import BridgeInputError
 from bridge.evaluation.datasets import LabelledImage
 from bridge.evaluation.evaluate import evaluate
-from bridge.model.architectures import GROWS_FROM, ArchSpec, build, parse_arch
+from bridge.model.architectures import GROWS_FROM, JOINED_FROM, ArchSpec, build, parse_arch, spec_of
 from bridge.model.effunet import EffUNet, load_pretrained_encoder
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, save_weights
@@ -120,12 +120,19 @@ def validate(model: nn.Module, cfg: TrainConfig, val: dict[str, list[LabelledIma
 def start_from(model: nn.Module, spec: ArchSpec, init: Path) -> None:
     """Load ``--init`` weights into ``model``: the same architecture, or the one
     it grows from (``GROWS_FROM``), whose weights fill every shared layer while
-    the new parts keep their identity start."""
+    the new parts keep their identity start.  From a joined file (``JOINED_FROM``,
+    e.g. the shipped two-scale network) the part of that architecture is taken."""
     start_model, start_info = load_model(init)
+    base, new_part = GROWS_FROM.get(spec.label, ("", ""))
+    if start_info.arch in JOINED_FROM:  # a joined file: start from its part of this architecture (or base)
+        parts = {spec_of(m).label: m for m in start_model.children()}
+        part = parts.get(spec.label, parts.get(base))
+        if part is None:
+            raise BridgeInputError(f"--init weights {init.name} are {start_info.arch}, with no {spec.label} part")
+        start_model, start_info = part, replace(start_info, arch=spec_of(part).label)
     if start_info.arch == spec.label:
         model.load_state_dict(start_model.state_dict())
         return
-    base, new_part = GROWS_FROM.get(spec.label, ("", ""))
     if base != start_info.arch:
         raise BridgeInputError(f"--init weights {init.name} are {start_info.arch}, not {spec.label}")
     missing, unexpected = model.load_state_dict(start_model.state_dict(), strict=False)
