@@ -81,7 +81,7 @@ def _training_words(meta: dict) -> str:
             f"`{p['version']}`): {_training_words(p)}"
             for p in meta["joined_from"]
         ]
-        return f"{len(parts)} trained files joined by `scripts/combine_scales.py`; " + " ".join(parts)
+        return f"{len(parts)} trained files joined by `scripts/combine_scales.py`. " + " ".join(parts)
     if "averaged_from" not in meta:
         return (
             f"best epoch {meta.get('epoch')} by mean validation AJI; config `{json.dumps(meta.get('train_config'))}`;\n"
