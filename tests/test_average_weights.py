@@ -3,24 +3,17 @@ one architecture, on the shipped weights."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from bridge.model.network import NuClickNet
 from bridge.model.weights import default_weights_path, load_model, save_weights
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "average_weights.py"
+from support.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def avg():
-    spec = importlib.util.spec_from_file_location("average_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("average_weights")
 
 
 def test_average_is_the_mean_of_every_parameter_and_records_its_sources(avg, tmp_path):

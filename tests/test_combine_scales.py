@@ -3,9 +3,7 @@ into one effunet-lite0-2scale file, on the shipped weights and a real patch."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +11,12 @@ import torch.nn.functional as F
 
 from bridge.model.architectures import build, parse_arch
 from bridge.model.weights import default_weights_path, load_model, save_weights
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "combine_scales.py"
+from support.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def combine():
-    spec = importlib.util.spec_from_file_location("combine_scales", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("combine_scales")
 
 
 @pytest.fixture()
