@@ -3,9 +3,9 @@ magnified twice, their logits averaged where both see.
 
 Why: the magnified network (``effunet-lite0-x2``) outlines small nuclei better
 (four times the encoder cells per nucleus) but sees only half the context;
-the plain one sees the whole patch.  Each is better on a different dataset,
-and their mean beats both on each; a nucleus more than a quarter patch from
-its click keeps the wide view alone.
+the plain one sees the whole patch.  Each is better on a different dataset;
+their mean keeps the better of the two on each (MODEL_CARD.md).  A nucleus
+more than a quarter patch from its click keeps the wide view alone.
 """
 
 from __future__ import annotations
