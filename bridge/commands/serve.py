@@ -88,6 +88,7 @@ def build_server(args: argparse.Namespace):
         precision=args.precision,
         backend=args.backend,
         threads=args.threads,
+        model=args.model,
     )
     return NuClickServer(
         engine,

@@ -4,7 +4,7 @@ or a user's file; never a download."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from torch import nn
 
 from bridge.errors import BridgeInputError
 from bridge.model.architectures import ArchSpec, build, spec_of
+from bridge.model.twoscale import TwoScaleUNet
 
 DEFAULT_WEIGHTS_NAME = "nuclick_default.pt"
 
@@ -75,8 +76,17 @@ def _arch_of(blob: dict, p: Path) -> ArchSpec:
     return ArchSpec(arch["name"], dict(arch.get("kwargs") or {}))
 
 
-def load_model(path: str | Path | None = None) -> tuple[nn.Module, ModelInfo]:
-    """The network (eval mode, fp32) and its info, from ``path`` or the shipped file."""
+MODEL_CHOICES = ("accurate", "fast")
+
+
+def load_model(path: str | Path | None = None, choice: str = "accurate") -> tuple[nn.Module, ModelInfo]:
+    """The network (eval mode, fp32) and its info, from ``path`` or the shipped file.
+
+    ``choice="fast"`` takes the whole-patch view of a two-scale file alone (half
+    the network time, for CPUs where both views are too slow); a file that
+    holds one network has no faster part and is refused."""
+    if choice not in MODEL_CHOICES:
+        raise BridgeInputError(f"--model must be one of {', '.join(MODEL_CHOICES)}, not {choice!r}")
     p = Path(path) if path is not None else default_weights_path()
     if not p.is_file():
         if path is None:
@@ -120,7 +130,20 @@ def load_model(path: str | Path | None = None) -> tuple[nn.Module, ModelInfo]:
         extra=meta,
         arch=spec.label,
     )
+    if choice == "fast":
+        return fast_view(model, info, p)
     return model, info
+
+
+def fast_view(model: nn.Module, info: ModelInfo, path: Path) -> tuple[nn.Module, ModelInfo]:
+    """The whole-patch part of a two-scale network, reported as what it is."""
+    if not isinstance(model, TwoScaleUNet):
+        raise BridgeInputError(
+            f"{path.name} holds one network ({info.arch}); --model fast takes the whole-patch view of a "
+            "two-scale file such as the shipped one"
+        )
+    part = model.wide
+    return part, replace(info, arch=spec_of(part).label, extra={**info.extra, "model": "fast", "joined": info.arch})
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -115,8 +115,12 @@ class NuClickEngine(PatchSegmenter):
         self.guidance_sigma = info.sigma
 
     @classmethod
-    def load(cls, weights: str | Path | None = None, device: str = "auto", **kwargs) -> NuClickEngine:
-        model, info = load_model(weights)
+    def load(
+        cls, weights: str | Path | None = None, device: str = "auto", model: str = "accurate", **kwargs
+    ) -> NuClickEngine:
+        """The engine for a weights file (default: the shipped one); ``model``
+        is ``--model``: accurate (the whole file) or fast (see load_model)."""
+        model, info = load_model(weights, model)
         return cls(model, info, device=device, **kwargs)
 
     @torch.inference_mode()
