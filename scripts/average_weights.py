@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bridge.errors import BridgeInputError
-from bridge.model.weights import load_model, save_weights
+from bridge.model.weights import derived_meta, load_model, save_weights
 
 
 def average(paths: list[Path]) -> tuple[torch.nn.Module, dict]:
@@ -38,20 +38,11 @@ def average(paths: list[Path]) -> tuple[torch.nn.Module, dict]:
         for k, v in states[0].items()
     }
     out.load_state_dict(merged)
-    first = infos[0]
-    # what belongs to one training run (its epoch, config, validation) now lives in averaged_from
-    own = ("epoch", "val", "train_config", "init", "code_commit", "averaged_from")
-    meta = {k: v for k, v in first.extra.items() if k not in own}
-    meta.update(
-        name=first.name,
-        patch_size=first.patch_size,
-        sigma=first.sigma,
-        threshold=first.threshold,
-        pixel_size_um=first.pixel_size_um,
-        averaged_from=[
-            {"file": str(p), "version": i.version, **_training_of(i)} for p, i in zip(paths, infos, strict=True)
-        ],
-    )
+    averaged_from = [
+        {"file": str(p), "version": i.version, **_training_of(i)} for p, i in zip(paths, infos, strict=True)
+    ]
+    # what belonged to one training run (its epoch, config, validation) now lives in averaged_from
+    meta = derived_meta(infos[0], averaged_from=averaged_from)
     return out, meta
 
 

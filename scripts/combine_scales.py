@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bridge.errors import BridgeInputError
 from bridge.model.architectures import build, parse_arch
-from bridge.model.weights import load_model, save_weights
+from bridge.model.weights import RUN_KEYS, derived_meta, load_model, save_weights
 
 WIDE, NEAR, JOINED = "effunet-lite0", "effunet-lite0-x2", "effunet-lite0-2scale"
 
@@ -39,26 +39,18 @@ def combine(wide_path: Path, near_path: Path):
     joined = build(parse_arch(JOINED))
     joined.wide.load_state_dict(wide.state_dict())
     joined.near.load_state_dict(near.state_dict())
-    own = ("epoch", "val", "train_config", "init", "code_commit", "averaged_from")
-    meta = {k: v for k, v in wi.extra.items() if k not in own}
-    meta.update(
-        name=JOINED,
-        patch_size=wi.patch_size,
-        sigma=wi.sigma,
-        threshold=wi.threshold,
-        pixel_size_um=wi.pixel_size_um,
-        joined_from=[
-            {
-                "part": part,
-                "file": str(p),
-                "version": i.version,
-                "arch": i.arch,
-                "patch_size": i.patch_size,
-                **{k: i.extra[k] for k in own if k in i.extra and k != "val"},
-            }
-            for part, p, i in (("wide", wide_path, wi), ("near", near_path, ni))
-        ],
-    )
+    joined_from = [
+        {
+            "part": part,
+            "file": str(p),
+            "version": i.version,
+            "arch": i.arch,
+            "patch_size": i.patch_size,
+            **{k: i.extra[k] for k in RUN_KEYS if k in i.extra and k != "val"},
+        }
+        for part, p, i in (("wide", wide_path, wi), ("near", near_path, ni))
+    ]
+    meta = derived_meta(wi, name=JOINED, joined_from=joined_from)
     return joined, meta
 
 

@@ -76,6 +76,28 @@ def _arch_of(blob: dict, p: Path) -> ArchSpec:
     return ArchSpec(arch["name"], dict(arch.get("kwargs") or {}))
 
 
+# What a file's metadata says about the run that made it rather than about the
+# network; a file made from others (an average, a joined network) records
+# these per source instead.
+RUN_KEYS = ("epoch", "val", "train_config", "init", "code_commit", "averaged_from")
+
+
+def derived_meta(base: ModelInfo, **sources: Any) -> dict[str, Any]:
+    """Metadata for a weights file made from others: ``base``'s inference
+    settings and other extras, without the facts of the run that made
+    ``base``; then ``sources`` (e.g. which files it was made of)."""
+    meta = {k: v for k, v in base.extra.items() if k not in RUN_KEYS}
+    meta.update(
+        name=base.name,
+        patch_size=base.patch_size,
+        sigma=base.sigma,
+        threshold=base.threshold,
+        pixel_size_um=base.pixel_size_um,
+    )
+    meta.update(sources)
+    return meta
+
+
 MODEL_CHOICES = ("accurate", "fast")
 
 

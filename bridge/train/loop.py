@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -123,18 +123,19 @@ def start_from(model: nn.Module, spec: ArchSpec, init: Path) -> None:
     the new parts keep their identity start.  From a joined file (``JOINED_FROM``,
     e.g. the shipped two-scale network) the part of that architecture is taken."""
     start_model, start_info = load_model(init)
+    start_arch = start_info.arch
     base, new_part = GROWS_FROM.get(spec.label, ("", ""))
-    if start_info.arch in JOINED_FROM:  # a joined file: start from its part of this architecture (or base)
+    if start_arch in JOINED_FROM:  # a joined file: start from its part of this architecture (or base)
         parts = {spec_of(m).label: m for m in start_model.children()}
         part = parts.get(spec.label, parts.get(base))
         if part is None:
-            raise BridgeInputError(f"--init weights {init.name} are {start_info.arch}, with no {spec.label} part")
-        start_model, start_info = part, replace(start_info, arch=spec_of(part).label)
-    if start_info.arch == spec.label:
+            raise BridgeInputError(f"--init weights {init.name} are {start_arch}, with no {spec.label} part")
+        start_model, start_arch = part, spec_of(part).label
+    if start_arch == spec.label:
         model.load_state_dict(start_model.state_dict())
         return
-    if base != start_info.arch:
-        raise BridgeInputError(f"--init weights {init.name} are {start_info.arch}, not {spec.label}")
+    if base != start_arch:
+        raise BridgeInputError(f"--init weights {init.name} are {start_arch}, not {spec.label}")
     missing, unexpected = model.load_state_dict(start_model.state_dict(), strict=False)
     if unexpected or any(not new_part or not k.startswith(new_part) for k in missing):
         raise BridgeInputError(f"--init weights {init.name} do not fit {spec.label}")
