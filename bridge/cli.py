@@ -197,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="augmentation: standard = scale 0.9-1.1 and mild stain jitter (the shipped weights); strong = "
         "scale 0.8-1.25 and twice the stain jitter, for scanners and stains unlike the training data",
     )
+    p.add_argument(
+        "--loss",
+        choices=["nuclick", "nuclick+lovasz"],
+        default="nuclick",
+        help="training loss: nuclick = soft Dice + BCE with neighbours weighted 10x (the paper's); "
+        "nuclick+lovasz adds a Lovász hinge, a surrogate of each nucleus's IoU, which AJI and PQ score",
+    )
     p.add_argument("--sigma", type=float, default=2.0, help="Gaussian sigma of the guidance maps (px)")
     p.add_argument("--jitter", type=float, default=5.0, help="click jitter in training (px)")
     p.add_argument(

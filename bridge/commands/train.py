@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay,
         drop_neighbour=args.drop_neighbours,
         augment=args.augment,
+        loss=args.loss,
         patch_size=args.patch_size,
     )
     meta = {

@@ -1,5 +1,5 @@
 """The training loop: AdamW with a linear warm-up then cosine decay, NuClick's
-hybrid loss, an exponential moving average of the weights (what is validated
+hybrid loss (optionally plus a Lovász hinge), an exponential moving average of the weights (what is validated
 and shipped), regular checkpoints that a later session resumes from, and
 validation AJI per epoch on the validation split."""
 
@@ -29,7 +29,7 @@ from bridge.model.precision import as_input, autocast, prepare, resolve_precisio
 from bridge.model.weights import ModelInfo, load_model, save_weights
 from bridge.nuclick.engine import NuClickEngine
 from bridge.train.data import NucleusPatches
-from bridge.train.loss import nuclick_loss
+from bridge.train.loss import training_loss
 
 log = logging.getLogger("bridge.train")
 
@@ -57,6 +57,7 @@ class TrainConfig:
     drop_neighbour: float = 0.1  # chance that a neighbour's click is left out of the exclusion map
     augment: str = "standard"  # a name in bridge.train.augment.AUGMENT_POLICIES
     pretrained: bool = True  # start an EfficientNet-Lite encoder from its ImageNet weights
+    loss: str = "nuclick"  # a name in bridge.train.loss.LOSSES
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -236,7 +237,7 @@ def train(
             x, y, w = as_input(x, device), y.to(device), w.to(device)
             with autocast(device, precision):
                 logits = model(x)
-            loss = nuclick_loss(logits.float(), y, w)
+            loss = training_loss(cfg.loss, logits.float(), y, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
