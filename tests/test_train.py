@@ -114,12 +114,17 @@ def test_loss_punishes_leaking_into_a_neighbour_ten_times_harder():
     assert leak_n > 2 * leak_b > 0
 
 
-def test_lovasz_hinge_is_one_minus_iou_on_real_nuclei(tiny_set):
+@pytest.fixture()
+def targets(tiny_set) -> torch.Tensor:
+    """Six real training targets (one nucleus per patch), unaugmented."""
+    ds = NucleusPatches(load_split(tiny_set, "train"), augment=False, seed=0)
+    return torch.stack([ds[k][1] for k in range(6)])
+
+
+def test_lovasz_hinge_is_one_minus_iou_on_real_nuclei(targets):
     """With hinge errors of exactly 0 (right) or 1 (wrong) the Lovász hinge is
     1 - IoU of the drawn mask, here real targets against real nuclei drawn a
     pixel too big, a pixel too small and shifted."""
-    ds = NucleusPatches(load_split(tiny_set, "train"), augment=False, seed=0)
-    targets = torch.stack([ds[k][1] for k in range(6)])
     for drawn in (
         [ndi.binary_dilation(t[0].numpy()) for t in targets],
         [ndi.binary_erosion(t[0].numpy()) for t in targets],
@@ -139,11 +144,9 @@ def test_lovasz_hinge_is_one_minus_iou_on_real_nuclei(tiny_set):
         training_loss("dice", confident, targets, torch.ones_like(targets))
 
 
-def test_descending_the_lovasz_hinge_corrects_real_outlines(tiny_set):
+def test_descending_the_lovasz_hinge_corrects_real_outlines(targets):
     """Its gradient pushes every wrong pixel the right way: real nuclei drawn
     two pixels too big (IoU about 0.77) come out exact in a few steps."""
-    ds = NucleusPatches(load_split(tiny_set, "train"), augment=False, seed=0)
-    targets = torch.stack([ds[k][1] for k in range(6)])
     drawn = np.stack([ndi.binary_dilation(t[0].numpy(), iterations=2) for t in targets])
     logits = torch.from_numpy(drawn)[:, None].float().mul(2).sub(1).requires_grad_(True)
 
