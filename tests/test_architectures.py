@@ -178,13 +178,13 @@ def test_train_refuses_an_unknown_architecture_in_one_line(cli, tmp_path, data_r
     assert len(lines) == 1 and "unknown architecture 'resnet50'" in lines[0] and "effunet-lite0" in lines[0]
 
 
-def test_train_refuses_the_joined_network_and_says_how_it_is_made(cli, tmp_path, data_root):
+def test_train_refuses_the_joined_network_from_scratch_and_says_how_it_is_made(cli, tmp_path, data_root):
     out = tmp_path / "w.pt"
     proc = cli("train", "--data", data_root / "consep_tiles", "--out", out, "--arch", "effunet-lite0-2scale")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1
-    assert "not trained as a whole" in lines[0] and "effunet-lite0-x2 --patch-size 64" in lines[0]
-    assert "scripts/combine_scales.py" in lines[0] and not out.exists()
+    assert "starts from its trained parts" in lines[0] and "effunet-lite0-x2 --patch-size 64" in lines[0]
+    assert "scripts/combine_scales.py" in lines[0] and "--init" in lines[0] and not out.exists()
 
 
 def test_training_without_the_pretrained_wheel_says_what_to_install(monkeypatch):

@@ -397,6 +397,12 @@ def test_fine_tuning_from_a_joined_file_starts_from_its_part_of_that_architectur
     assert torch.equal(edge.head.bias, stored.wide.head.bias)
     with pytest.raises(BridgeInputError, match=r"joined\.pt are effunet-lite0-2scale, with no nuclick-w0\.25 part"):
         start_from(NuClickNet(0.25), parse_arch("nuclick", 0.25), tmp_path / "joined.pt")
+    # the joined network itself (fine-tuned as a whole) takes the whole file, both parts
+    whole = build(parse_arch("effunet-lite0-2scale"))
+    start_from(whole, parse_arch("effunet-lite0-2scale"), tmp_path / "joined.pt")
+    for k, v in stored.state_dict().items():
+        assert torch.equal(whole.state_dict()[k], v), k
+    assert not torch.equal(whole.near.head.bias, whole.wide.head.bias)
 
 
 def test_weight_average_follows_training_from_the_first_steps():
@@ -428,3 +434,25 @@ def test_learning_rate_defaults_follow_the_architecture():
     assert TrainConfig(arch="nuclick").lr == 3e-3  # as published
     assert TrainConfig(arch="effunet-lite0").lr == 1e-3  # a pretrained encoder wants a gentler start
     assert TrainConfig(arch="nuclick", lr=5e-4).lr == 5e-4
+
+
+def test_the_joined_network_fine_tunes_as_a_whole_and_both_parts_learn(tiny_set, tmp_path):
+    """`train --arch effunet-lite0-2scale --init JOINED.pt`: one loss on the
+    averaged logits moves both parts, and the file written is still the joined
+    network, loadable as such."""
+    from bridge.model.weights import default_weights_path
+
+    init = default_weights_path()
+    before, info = load_model(init)
+    assert info.arch == "effunet-lite0-2scale"
+    cfg = TrainConfig(
+        arch="effunet-lite0-2scale", epochs=1, batch_size=4, samples_per_epoch=8, lr=1e-3, warmup_steps=1, ema_decay=0
+    )
+    out = tmp_path / "joint.pt"
+    train(cfg, load_split(tiny_set, "train"), {}, out, torch.device("cpu"), init=init)
+    after, info = load_model(out)
+    assert info.arch == "effunet-lite0-2scale" and info.patch_size == 128
+    for part in ("wide", "near"):
+        old, new = getattr(before, part).state_dict(), getattr(after, part).state_dict()
+        moved = [k for k in old if old[k].is_floating_point() and not torch.equal(old[k], new[k].to(old[k].dtype))]
+        assert len(moved) > len(old) // 2, f"the {part} part hardly moved: {len(moved)} of {len(old)} tensors"

@@ -122,11 +122,12 @@ def start_from(model: nn.Module, spec: ArchSpec, init: Path) -> None:
     """Load ``--init`` weights into ``model``: the same architecture, or the one
     it grows from (``GROWS_FROM``), whose weights fill every shared layer while
     the new parts keep their identity start.  From a joined file (``JOINED_FROM``,
-    e.g. the shipped two-scale network) the part of that architecture is taken."""
+    e.g. the shipped two-scale network) the part of that architecture is taken,
+    unless the joined network itself is trained (fine-tuned as a whole)."""
     start_model, start_info = load_model(init)
     start_arch = start_info.arch
     base, new_part = GROWS_FROM.get(spec.label, ("", ""))
-    if start_arch in JOINED_FROM:  # a joined file: start from its part of this architecture (or base)
+    if start_arch in JOINED_FROM and start_arch != spec.label:  # start from its part of this architecture (or base)
         parts = {spec_of(m).label: m for m in start_model.children()}
         part = parts.get(spec.label, parts.get(base))
         if part is None:
