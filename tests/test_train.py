@@ -456,3 +456,22 @@ def test_the_joined_network_fine_tunes_as_a_whole_and_both_parts_learn(tiny_set,
         old, new = getattr(before, part).state_dict(), getattr(after, part).state_dict()
         moved = [k for k in old if old[k].is_floating_point() and not torch.equal(old[k], new[k].to(old[k].dtype))]
         assert len(moved) > len(old) // 2, f"the {part} part hardly moved: {len(moved)} of {len(old)} tensors"
+
+
+def test_train_choices_are_the_registries_and_unknown_names_stop_before_any_data_is_read():
+    """The CLI lists --loss and --augment without importing torch; its lists
+    must be the names training knows, and a config naming anything else is
+    refused at once rather than after the data are loaded."""
+    from bridge.cli import build_parser
+    from bridge.errors import BridgeInputError
+    from bridge.train.augment import AUGMENT_POLICIES
+    from bridge.train.loss import LOSSES
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    choices = {a.dest: a.choices for a in train_parser._actions if a.choices}
+    assert tuple(choices["loss"]) == LOSSES
+    assert tuple(choices["augment"]) == tuple(AUGMENT_POLICIES)
+    with pytest.raises(BridgeInputError, match=r"unknown loss 'dice'; choose one of nuclick, nuclick\+lovasz"):
+        TrainConfig(loss="dice")
+    with pytest.raises(BridgeInputError, match=r"unknown augmentation 'heavy'; choose one of standard, strong"):
+        TrainConfig(augment="heavy")

@@ -28,8 +28,9 @@ from bridge.model.effunet import EffUNet, load_pretrained_encoder
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, save_weights
 from bridge.nuclick.engine import NuClickEngine
+from bridge.train.augment import AUGMENT_POLICIES
 from bridge.train.data import NucleusPatches
-from bridge.train.loss import training_loss
+from bridge.train.loss import LOSSES, training_loss
 
 log = logging.getLogger("bridge.train")
 
@@ -62,6 +63,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr is None:
             self.lr = 3e-3 if self.arch == "nuclick" else 1e-3
+        # refused here, before any data is read, not at the first step
+        if self.loss not in LOSSES:
+            raise BridgeInputError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.augment not in AUGMENT_POLICIES:
+            raise BridgeInputError(
+                f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENT_POLICIES)}"
+            )
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
