@@ -32,10 +32,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise BridgeInputError(str(exc)) from exc
     if spec.label in JOINED_FROM and not args.init:
-        script, parts = JOINED_FROM[spec.label]
         raise BridgeInputError(
-            f"{spec.label} starts from its trained parts: train --arch {' and --arch '.join(parts)}, "
-            f"join them with {script}, then fine-tune the joined file as a whole with --init"
+            f"{spec.label} starts from its trained parts: {JOINED_FROM[spec.label].recipe()}; "
+            "then fine-tune the joined file as a whole with --init"
         )
     if args.patch_size < 32 or args.patch_size % 32:
         raise BridgeInputError(f"--patch-size must be a multiple of 32 (the encoder's stride), not {args.patch_size}")

@@ -70,9 +70,24 @@ GROWS_FROM: dict[str, tuple[str, str]] = {
 }
 
 
-# Networks made by joining trained files, never trained as a whole: name -> (script, parts).
-JOINED_FROM: dict[str, tuple[str, tuple[str, ...]]] = {
-    "effunet-lite0-2scale": ("scripts/combine_scales.py", ("effunet-lite0", "effunet-lite0-x2 --patch-size 64")),
+@dataclass(frozen=True)
+class JoinedFrom:
+    """How a joined network is made: ``parts`` (architecture, patch size) are
+    trained alone, then ``script`` joins their files; only then may the joined
+    file be fine-tuned as a whole (``train --init``)."""
+
+    script: str
+    parts: tuple[tuple[str, int], ...]
+
+    def recipe(self) -> str:
+        """The commands, for an error message."""
+        trains = " and ".join(f"--arch {a} --patch-size {p}" for a, p in self.parts)
+        return f"train {trains}, then join them with {self.script}"
+
+
+# Networks made by joining trained files.
+JOINED_FROM: dict[str, JoinedFrom] = {
+    "effunet-lite0-2scale": JoinedFrom("scripts/combine_scales.py", (("effunet-lite0", 128), ("effunet-lite0-x2", 64))),
 }
 
 
