@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bridge.errors import BridgeInputError
-from bridge.model.weights import derived_meta, load_model, save_weights
+from bridge.model.weights import derived_meta, load_model, save_weights, source_record
 
 
 def average(paths: list[Path]) -> tuple[torch.nn.Module, dict]:
@@ -38,17 +38,10 @@ def average(paths: list[Path]) -> tuple[torch.nn.Module, dict]:
         for k, v in states[0].items()
     }
     out.load_state_dict(merged)
-    averaged_from = [
-        {"file": str(p), "version": i.version, **_training_of(i)} for p, i in zip(paths, infos, strict=True)
-    ]
+    averaged_from = [source_record(p, i) for p, i in zip(paths, infos, strict=True)]
     # what belonged to one training run (its epoch, config, validation) now lives in averaged_from
     meta = derived_meta(infos[0], averaged_from=averaged_from)
     return out, meta
-
-
-def _training_of(info) -> dict:
-    """The facts of one run that a model card cites."""
-    return {k: info.extra[k] for k in ("epoch", "train_config", "init", "code_commit") if k in info.extra}
 
 
 def main(argv: list[str] | None = None) -> int:

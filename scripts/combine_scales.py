@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bridge.errors import BridgeInputError
 from bridge.model.architectures import build, parse_arch
-from bridge.model.weights import RUN_KEYS, derived_meta, load_model, save_weights
+from bridge.model.weights import derived_meta, load_model, save_weights, source_record
 
 WIDE, NEAR, JOINED = "effunet-lite0", "effunet-lite0-x2", "effunet-lite0-2scale"
 
@@ -39,17 +39,7 @@ def combine(wide_path: Path, near_path: Path):
     joined = build(parse_arch(JOINED))
     joined.wide.load_state_dict(wide.state_dict())
     joined.near.load_state_dict(near.state_dict())
-    joined_from = [
-        {
-            "part": part,
-            "file": str(p),
-            "version": i.version,
-            "arch": i.arch,
-            "patch_size": i.patch_size,
-            **{k: i.extra[k] for k in RUN_KEYS if k in i.extra and k != "val"},
-        }
-        for part, p, i in (("wide", wide_path, wi), ("near", near_path, ni))
-    ]
+    joined_from = [source_record(p, i, part=part) for part, p, i in (("wide", wide_path, wi), ("near", near_path, ni))]
     meta = derived_meta(wi, name=JOINED, joined_from=joined_from)
     return joined, meta
 

@@ -83,10 +83,17 @@ def _training_words(meta: dict) -> str:
         ]
         return f"{len(parts)} trained files joined by `scripts/combine_scales.py`. " + " ".join(parts)
     if "averaged_from" not in meta:
-        return (
+        words = (
             f"best epoch {meta.get('epoch')} by mean validation AJI; config `{json.dumps(meta.get('train_config'))}`;\n"
             f"  code commit `{meta.get('code_commit')}`."
         )
+        start = meta.get("init_from")
+        if start:
+            words += (
+                f" It started from `{Path(start['file']).name}` (version `{start['version']}`, {start['arch']}): "
+                + _training_words(start)
+            )
+        return words
     parts = []
     for run in meta["averaged_from"]:
         cfg = run.get("train_config") or {}

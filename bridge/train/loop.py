@@ -26,7 +26,7 @@ from bridge.evaluation.evaluate import evaluate
 from bridge.model.architectures import GROWS_FROM, JOINED_FROM, ArchSpec, build, parse_arch, spec_of
 from bridge.model.effunet import EffUNet, load_pretrained_encoder
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
-from bridge.model.weights import ModelInfo, load_model, save_weights
+from bridge.model.weights import ModelInfo, load_model, save_weights, source_record
 from bridge.nuclick.engine import NuClickEngine
 from bridge.train.augment import AUGMENT_POLICIES
 from bridge.train.data import NucleusPatches
@@ -126,13 +126,17 @@ def validate(model: nn.Module, cfg: TrainConfig, val: dict[str, list[LabelledIma
     return out
 
 
-def start_from(model: nn.Module, spec: ArchSpec, init: Path) -> None:
+def start_from(model: nn.Module, spec: ArchSpec, init: Path) -> dict:
     """Load ``--init`` weights into ``model``: the same architecture, or the one
     it grows from (``GROWS_FROM``), whose weights fill every shared layer while
     the new parts keep their identity start.  From a joined file (``JOINED_FROM``,
     e.g. the shipped two-scale network) the part of that architecture is taken,
-    unless the joined network itself is trained (fine-tuned as a whole)."""
+    unless the joined network itself is trained (fine-tuned as a whole).
+
+    Returns the init file's :func:`source_record`, which the weights written
+    by this run keep as ``init_from``."""
     start_model, start_info = load_model(init)
+    record = source_record(init, start_info)
     start_arch = start_info.arch
     base, new_part = GROWS_FROM.get(spec.label, ("", ""))
     if start_arch in JOINED_FROM and start_arch != spec.label:  # start from its part of this architecture (or base)
@@ -143,12 +147,13 @@ def start_from(model: nn.Module, spec: ArchSpec, init: Path) -> None:
         start_model, start_arch = part, spec_of(part).label
     if start_arch == spec.label:
         model.load_state_dict(start_model.state_dict())
-        return
+        return record
     if base != start_arch:
         raise BridgeInputError(f"--init weights {init.name} are {start_arch}, not {spec.label}")
     missing, unexpected = model.load_state_dict(start_model.state_dict(), strict=False)
     if unexpected or any(not new_part or not k.startswith(new_part) for k in missing):
         raise BridgeInputError(f"--init weights {init.name} do not fit {spec.label}")
+    return record
 
 
 def train(
@@ -187,7 +192,7 @@ def train(
     state = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_aji": -1.0, "history": []}
     src = resume if resume is not None else (ckpt_path if ckpt_path.is_file() else None)
     if init is not None and src is None:  # fine-tune from trained weights; a checkpoint of this run wins
-        start_from(model, spec, init)
+        state["init_from"] = start_from(model, spec, init)  # kept in the checkpoint, for a resumed run
         log.info("starting from the weights in %s", init)
     elif src is None and cfg.pretrained and isinstance(model, EffUNet):
         load_pretrained_encoder(model)
@@ -282,6 +287,7 @@ def train(
                 shipped,
                 {
                     **(meta or {}),
+                    **({"init_from": state["init_from"]} if state.get("init_from") else {}),
                     "patch_size": cfg.patch_size,
                     "sigma": cfg.sigma,
                     "epoch": epoch + 1,
