@@ -260,3 +260,28 @@ def test_the_batcher_hands_every_caller_its_own_rows_and_survives_a_failing_batc
     with pytest.raises(Cancelled):
         batcher.run(np.ones((1, 3)), cancel)
     batcher.stop()
+
+
+def test_stop_does_not_hang_on_a_health_watch_stuck_mid_send():
+    """grpc_health's Watch sends its first answer while holding the servicer's
+    lock, which enter_graceful_shutdown also takes; a watcher stuck there (seen
+    once under load) must not hang the server's stop: the wait is bounded and
+    stopping gRPC goes on."""
+    srv = NuClickServer(engine_for(DiscModel(), "disc"), port=0, http_port=None).start()
+    held, release = threading.Event(), threading.Event()
+
+    def stuck_watch() -> None:  # what the stuck Watch stream does: hold the lock
+        with srv._health._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=stuck_watch, daemon=True)
+    holder.start()
+    assert held.wait(5)
+    stopper = threading.Thread(target=srv.stop, kwargs={"grace": 1})
+    stopper.start()
+    stopper.join(15)
+    stopped = not stopper.is_alive()
+    release.set()
+    assert stopped, "stop() hung behind the health servicer's lock"
+    assert srv.wait(0)

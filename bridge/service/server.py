@@ -209,7 +209,15 @@ class NuClickServer:
             return
         log_event("stopping", grace_s=grace)
         assert self.service is not None and self._health is not None
-        self._health.enter_graceful_shutdown()
+        # grpc_health sends a Watch stream's first answer while holding the lock
+        # that enter_graceful_shutdown needs; a client that went away mid-send can
+        # keep it (seen once, under load, with gRPC's client-side health checks).
+        # Bound the wait: stopping gRPC below cancels that stream and frees the lock.
+        marking = threading.Thread(target=self._health.enter_graceful_shutdown, name="health-shutdown", daemon=True)
+        marking.start()
+        marking.join(min(grace, 2.0))
+        if marking.is_alive():
+            log_event("health_shutdown_blocked", logging.WARNING, waited_s=min(grace, 2.0))
         if self._http is not None:
             self._http.refuse_new()
         # Refuse new calls in our own handlers first (a clean UNAVAILABLE, which
