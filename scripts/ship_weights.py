@@ -146,6 +146,7 @@ def main() -> None:
         "code_commit": meta.get("code_commit"),
         "averaged_from": meta.get("averaged_from"),
         "joined_from": meta.get("joined_from"),
+        "init_from": meta.get("init_from"),
         "validation_precision": engine.precision,
         "validation_jitter5_seed0": val,
         "validation_by_nucleus_area": {n: [_finite(asdict(b)) for b in bins] for n, bins in sizes.items()},

@@ -79,7 +79,7 @@ def _arch_of(blob: dict, p: Path) -> ArchSpec:
 # What a file's metadata says about the run that made it rather than about the
 # network; a file made from others (an average, a joined network) records
 # these per source instead.
-RUN_KEYS = ("epoch", "val", "train_config", "init", "init_from", "code_commit", "averaged_from")
+RUN_KEYS = ("epoch", "val", "train_config", "init", "init_from", "code_commit", "averaged_from", "joined_from")
 
 
 def source_record(path: str | Path, info: ModelInfo, **more: Any) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def source_record(path: str | Path, info: ModelInfo, **more: Any) -> dict[str, A
     fine-tune) records about it, so that the model card can trace every
     shipped weight back to the runs that made it: the file, its version and
     network, and the facts of its own making (not its validation figures)."""
-    history = ("joined_from", *(k for k in RUN_KEYS if k != "val"))
+    history = [k for k in RUN_KEYS if k != "val"]
     return {
         "file": str(path),
         "version": info.version,
