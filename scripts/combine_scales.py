@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 from bridge.errors import BridgeInputError
-from bridge.model.architectures import build, parse_arch
+from bridge.model.architectures import JOINED_FROM, build, parse_arch
 from bridge.model.weights import derived_meta, load_model, save_weights, source_record
 
-WIDE, NEAR, JOINED = "effunet-lite0", "effunet-lite0-x2", "effunet-lite0-2scale"
+JOINED = "effunet-lite0-2scale"
+(WIDE, _), (NEAR, _) = JOINED_FROM[JOINED].parts  # the recipe train's error message gives, by construction
 
 
 def combine(wide_path: Path, near_path: Path):

@@ -443,8 +443,8 @@ def test_the_joined_network_fine_tunes_as_a_whole_and_both_parts_learn(tiny_set,
     from bridge.model.weights import default_weights_path
 
     init = default_weights_path()
-    before, info = load_model(init)
-    assert info.arch == "effunet-lite0-2scale"
+    before, init_info = load_model(init)
+    assert init_info.arch == "effunet-lite0-2scale"
     cfg = TrainConfig(
         arch="effunet-lite0-2scale", epochs=1, batch_size=4, samples_per_epoch=8, lr=1e-3, warmup_steps=1, ema_decay=0
     )
@@ -455,7 +455,7 @@ def test_the_joined_network_fine_tunes_as_a_whole_and_both_parts_learn(tiny_set,
     # the new file traces back through the file it started from (and what that one started from) to the
     # parts that were joined
     start = info.extra["init_from"]
-    assert start["version"] == load_model(init)[1].version and start["arch"] == "effunet-lite0-2scale"
+    assert start["version"] == init_info.version and start["arch"] == "effunet-lite0-2scale"
     while "joined_from" not in start:
         start = start["init_from"]
     assert [(p["part"], p["arch"]) for p in start["joined_from"]] == [
