@@ -280,6 +280,31 @@ def test_bad_training_data_stops_before_any_compute(tiny_set, tmp_path, cli, fau
     assert not list(tmp_path.glob("w.*")), "nothing was trained or written"
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "rule"),
+    [
+        ("--epochs", "0", "at least 1, not 0"),
+        ("--batch-size", "0", "at least 1, not 0"),
+        ("--lr", "-1", "above 0, not -1.0"),
+        ("--sigma", "0", "above 0, not 0.0"),
+        ("--ema-decay", "1.5", "from 0 (no average) up to, not including, 1, not 1.5"),
+        ("--drop-neighbours", "2", "a probability from 0 to 1, not 2.0"),
+        ("--samples-per-epoch", "-5", "0 (every nucleus once) or more, not -5"),
+        ("--val-limit", "-1", "0 (every val image) or more, not -1"),
+    ],
+)
+def test_out_of_range_training_numbers_stop_before_any_data_is_read(tmp_path, cli, flag, value, rule):
+    """Each of these once trained garbage quietly (a decay of 1.5, a sigma of 0
+    giving a NaN loss), crashed at the first step, or wrote nothing with exit 0.
+    The data folder does not exist, so the number's error coming first shows
+    that nothing was read."""
+    proc = cli("train", "--data", tmp_path / "no-such-dataset", "--out", tmp_path / "w.pt", flag, value)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, err
+    assert err[0].endswith(f"{flag} must be {rule}")
+    assert not list(tmp_path.glob("w.*"))
+
+
 def test_init_weights_of_another_architecture_are_refused_before_training(tiny_set, tmp_path):
     from bridge.errors import BridgeInputError
     from bridge.model.weights import save_weights

@@ -36,25 +36,6 @@ def run(args: argparse.Namespace) -> int:
             f"{spec.label} starts from its trained parts: {JOINED_FROM[spec.label].recipe()}; "
             "then fine-tune the joined file as a whole with --init"
         )
-    if args.patch_size < 32 or args.patch_size % 32:
-        raise BridgeInputError(f"--patch-size must be a multiple of 32 (the encoder's stride), not {args.patch_size}")
-
-    roots = [Path(d) for d in args.data]
-    for r in roots:
-        if not (r / "images").is_dir():
-            raise BridgeInputError(f"{r} is not a dataset folder (no images/ inside)")
-    train_items = []
-    val = {}
-    for r in roots:
-        items = load_split(r, args.train_split)
-        empty = check_trainable(r, items)
-        if empty:
-            print(f"note: {len(empty)} {r.name} label map(s) have no nuclei and add no samples", file=sys.stderr)
-        train_items += items
-        if args.val_split:
-            items = load_split(r, args.val_split)
-            check_trainable(r, items)
-            val[r.name] = items[: args.val_limit] if args.val_limit else items
     cfg = TrainConfig(
         arch=args.arch,
         width=args.width,
@@ -74,6 +55,25 @@ def run(args: argparse.Namespace) -> int:
         loss=args.loss,
         patch_size=args.patch_size,
     )
+    if args.val_limit < 0:
+        raise BridgeInputError(f"--val-limit must be 0 (every val image) or more, not {args.val_limit}")
+
+    roots = [Path(d) for d in args.data]
+    for r in roots:
+        if not (r / "images").is_dir():
+            raise BridgeInputError(f"{r} is not a dataset folder (no images/ inside)")
+    train_items = []
+    val = {}
+    for r in roots:
+        items = load_split(r, args.train_split)
+        empty = check_trainable(r, items)
+        if empty:
+            print(f"note: {len(empty)} {r.name} label map(s) have no nuclei and add no samples", file=sys.stderr)
+        train_items += items
+        if args.val_split:
+            items = load_split(r, args.val_split)
+            check_trainable(r, items)
+            val[r.name] = items[: args.val_limit] if args.val_limit else items
     meta = {
         "name": spec.label,
         "data": [str(r) for r in roots],

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,27 @@ from bridge.train.data import NucleusPatches
 from bridge.train.loss import LOSSES, training_loss
 
 log = logging.getLogger("bridge.train")
+
+
+# (field, test, what the test asks) for TrainConfig's numbers
+_RANGES: list[tuple[str, Callable[[float], bool], str]] = [
+    ("epochs", lambda v: v >= 1, "at least 1"),
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("lr", lambda v: v > 0, "above 0"),
+    ("sigma", lambda v: v > 0, "above 0"),
+    ("jitter", lambda v: v >= 0, "0 or more"),
+    ("val_jitter", lambda v: v >= 0, "0 or more"),
+    ("patch_size", lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (the encoder's stride)"),
+    ("samples_per_epoch", lambda v: v >= 0, "0 (every nucleus once) or more"),
+    ("checkpoint_every", lambda v: v >= 1, "at least 1"),
+    ("threads", lambda v: v >= 0, "0 (torch's default) or more"),
+    ("warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("ema_decay", lambda v: 0 <= v < 1, "from 0 (no average) up to, not including, 1"),
+    ("drop_neighbour", lambda v: 0 <= v <= 1, "a probability from 0 to 1"),
+]
+# CLI spellings where they differ from the field's name
+_FLAGS = {"drop_neighbour": "drop_neighbours"}
 
 
 @dataclass
@@ -63,7 +85,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr is None:
             self.lr = 3e-3 if self.arch == "nuclick" else 1e-3
-        # refused here, before any data is read, not at the first step
+        # refused here, before any data is read, not at the first step (or
+        # never: a decay of 1.5 or a sigma of 0 would train garbage quietly)
+        for name, ok, rule in _RANGES:
+            value = getattr(self, name)
+            if not ok(value):
+                flag = "--" + _FLAGS.get(name, name).replace("_", "-")
+                raise BridgeInputError(f"{flag} must be {rule}, not {value}")
         if self.loss not in LOSSES:
             raise BridgeInputError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if self.augment not in AUGMENT_POLICIES:
