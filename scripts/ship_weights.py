@@ -82,31 +82,27 @@ def _training_words(meta: dict) -> str:
             for p in meta["joined_from"]
         ]
         return f"{len(parts)} trained files joined by `scripts/combine_scales.py`. " + " ".join(parts)
-    if "averaged_from" not in meta:
-        words = (
-            f"best epoch {meta.get('epoch')} by mean validation AJI; config `{json.dumps(meta.get('train_config'))}`;\n"
-            f"  code commit `{meta.get('code_commit')}`."
+    if "averaged_from" in meta:
+        parts = [
+            f"`{Path(run['file']).name}` (version `{run['version']}`): {_training_words(run)}"
+            for run in meta["averaged_from"]
+        ]
+        return f"the parameter-wise average of {len(parts)} weights files (`scripts/average_weights.py`). " + " ".join(
+            parts
         )
-        start = meta.get("init_from")
-        if start:
-            words += (
-                f" It started from `{Path(start['file']).name}` (version `{start['version']}`, {start['arch']}): "
-                + _training_words(start)
-            )
-        return words
-    parts = []
-    for run in meta["averaged_from"]:
-        cfg = run.get("train_config") or {}
-        start = f", started from `{run['init']}`" if run.get("init") else ""
-        parts.append(
-            f"`{Path(run['file']).name}` (version `{run['version']}`, best epoch {run.get('epoch')}{start}; "
-            f"config `{json.dumps(cfg)}`; code commit `{run.get('code_commit')}`)"
-        )
-    return (
-        f"the parameter-wise average of {len(parts)} weights files (`scripts/average_weights.py`): "
-        + "; ".join(parts)
-        + "."
+    words = (
+        f"best epoch {meta.get('epoch')} by mean validation AJI; config `{json.dumps(meta.get('train_config'))}`;\n"
+        f"  code commit `{meta.get('code_commit')}`."
     )
+    start = meta.get("init_from")
+    if start:
+        words += (
+            f" It started from `{Path(start['file']).name}` (version `{start['version']}`, {start['arch']}): "
+            + _training_words(start)
+        )
+    elif meta.get("init"):  # files trained before init_from was recorded name only the path
+        words += f" It started from `{meta['init']}`."
+    return words
 
 
 def main() -> None:

@@ -51,3 +51,24 @@ def test_files_of_different_architectures_are_refused_in_one_line(avg, tmp_path,
     assert avg.main([str(out), str(default_weights_path())]) == 2
     assert "at least two" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_card_traces_an_average_of_fine_tunes_to_where_each_member_started(avg, tmp_path):
+    """ship_weights.py writes the card's Training line; for an average it
+    follows each member's own history, as it does for one run."""
+    from bridge.model.weights import source_record
+
+    ship = load_script("ship_weights")
+    shipped, info = load_model(default_weights_path())
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    save_weights(
+        first, shipped, {"name": info.name, "epoch": 4, "init_from": source_record(default_weights_path(), info)}
+    )
+    save_weights(second, shipped, {"name": info.name, "epoch": 2, "init": "runs/older.pt"})  # before init_from
+    out = tmp_path / "soup.pt"
+    assert avg.main([str(out), str(first), str(second)]) == 0
+    words = ship._training_words(load_model(out)[1].extra)
+    assert words.startswith("the parameter-wise average of 2 weights files")
+    assert "`first.pt`" in words and "best epoch 4" in words and "`second.pt`" in words and "best epoch 2" in words
+    assert f"It started from `nuclick_default.pt` (version `{info.version}`, {info.arch})" in words
+    assert "It started from `runs/older.pt`." in words
