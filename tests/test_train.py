@@ -305,6 +305,15 @@ def test_out_of_range_training_numbers_stop_before_any_data_is_read(tmp_path, cl
     assert not list(tmp_path.glob("w.*"))
 
 
+@pytest.mark.parametrize(("field", "value"), [("val_jitter", -1.0), ("checkpoint_every", 0)])
+def test_settings_train_has_no_flag_for_are_named_as_the_python_api_spells_them(field, value):
+    """A message naming a flag `train` does not have would send the reader looking for it."""
+    from bridge.errors import BridgeInputError
+
+    with pytest.raises(BridgeInputError, match=rf"^TrainConfig\.{field} must be .*, not {value}$"):
+        TrainConfig(**{field: value})
+
+
 def test_init_weights_of_another_architecture_are_refused_before_training(tiny_set, tmp_path):
     from bridge.errors import BridgeInputError
     from bridge.model.weights import save_weights

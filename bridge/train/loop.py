@@ -55,6 +55,8 @@ _RANGES: list[tuple[str, Callable[[float], bool], str]] = [
 ]
 # CLI spellings where they differ from the field's name
 _FLAGS = {"drop_neighbour": "drop_neighbours"}
+# fields that `train` has no flag for: an error names them as the Python API spells them
+_API_ONLY = {"val_jitter", "checkpoint_every"}
 
 
 @dataclass
@@ -90,7 +92,7 @@ class TrainConfig:
         for name, ok, rule in _RANGES:
             value = getattr(self, name)
             if not ok(value):
-                flag = "--" + _FLAGS.get(name, name).replace("_", "-")
+                flag = f"TrainConfig.{name}" if name in _API_ONLY else "--" + _FLAGS.get(name, name).replace("_", "-")
                 raise BridgeInputError(f"{flag} must be {rule}, not {value}")
         if self.loss not in LOSSES:
             raise BridgeInputError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
