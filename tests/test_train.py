@@ -406,8 +406,8 @@ def test_magnified_network_grows_from_trained_lite0_weights_as_lite0_on_a_larger
 
 def test_fine_tuning_from_a_joined_file_starts_from_its_part_of_that_architecture(tmp_path):
     """`--init` with a two-scale file (what the package may ship): Lite0 and the
-    edge network start from its whole-patch part, Lite0-x2 from its magnified
-    part; a network it has no part for is refused in one line."""
+    edge network start from its whole-patch part, Lite0-x2 and Lite0-x4 from
+    its magnified part; a network it has no part for is refused in one line."""
     from bridge.errors import BridgeInputError
     from bridge.model.architectures import build, parse_arch
     from bridge.model.weights import save_weights
@@ -429,6 +429,9 @@ def test_fine_tuning_from_a_joined_file_starts_from_its_part_of_that_architectur
     edge = build(parse_arch("effunet-lite0-edge"))
     start_from(edge, parse_arch("effunet-lite0-edge"), tmp_path / "joined.pt")
     assert torch.equal(edge.head.bias, stored.wide.head.bias)
+    closer = build(parse_arch("effunet-lite0-x4"))  # a third view grows from the magnified part
+    start_from(closer, parse_arch("effunet-lite0-x4"), tmp_path / "joined.pt")
+    assert torch.equal(closer.head.bias, stored.near.head.bias)
     with pytest.raises(BridgeInputError, match=r"joined\.pt are effunet-lite0-2scale, with no nuclick-w0\.25 part"):
         start_from(NuClickNet(0.25), parse_arch("nuclick", 0.25), tmp_path / "joined.pt")
     # the joined network itself (fine-tuned as a whole) takes the whole file, both parts

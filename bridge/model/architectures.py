@@ -17,7 +17,7 @@ from torch import nn
 
 from bridge.model.effunet import EffUNet
 from bridge.model.network import NuClickNet
-from bridge.model.twoscale import TwoScaleUNet
+from bridge.model.twoscale import ThreeScaleUNet, TwoScaleUNet
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     # the mean of Lite0 on the patch and Lite0-x2 on its centre (scripts/combine_scales.py
     # joins two trained files); twice Lite0's cost
     "effunet-lite0-2scale": lambda: TwoScaleUNet("lite0"),
+    # Lite0 on the patch magnified four times (train it on a quarter of the patch)
+    "effunet-lite0-x4": lambda: EffUNet("lite0", zoom=4),
+    # the two-scale network plus Lite0-x4 on the centre quarter; three Lite0s' cost
+    "effunet-lite0-3scale": lambda: ThreeScaleUNet("lite0"),
 }
 
 
@@ -67,6 +71,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 GROWS_FROM: dict[str, tuple[str, str]] = {
     "effunet-lite0-edge": ("effunet-lite0", "refine."),
     "effunet-lite0-x2": ("effunet-lite0", ""),  # the same parameters, seeing a magnified patch
+    "effunet-lite0-x4": ("effunet-lite0-x2", ""),  # magnified twice more
 }
 
 
@@ -88,6 +93,9 @@ class JoinedFrom:
 # Networks made by joining trained files.
 JOINED_FROM: dict[str, JoinedFrom] = {
     "effunet-lite0-2scale": JoinedFrom("scripts/combine_scales.py", (("effunet-lite0", 128), ("effunet-lite0-x2", 64))),
+    "effunet-lite0-3scale": JoinedFrom(
+        "scripts/combine_scales.py", (("effunet-lite0", 128), ("effunet-lite0-x2", 64), ("effunet-lite0-x4", 32))
+    ),
 }
 
 
@@ -124,6 +132,8 @@ def spec_of(model: nn.Module) -> ArchSpec:
         return spec
     if isinstance(model, NuClickNet):
         return ArchSpec("nuclick", {"width": model.width})
+    if isinstance(model, ThreeScaleUNet):
+        return ArchSpec(f"effunet-{model.variant}-3scale")
     if isinstance(model, TwoScaleUNet):
         return ArchSpec(f"effunet-{model.variant}-2scale")
     if isinstance(model, EffUNet):
