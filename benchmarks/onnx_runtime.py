@@ -6,7 +6,7 @@ Run it on the machine that matters: ONNX Runtime picks its kernels from the
 CPU itself, so ``ONEDNN_MAX_CPU_ISA=AVX2`` (which restricts torch's oneDNN
 only) does NOT show an AVX2-only CPU for this comparison.
 
-    pip install 'nuclick-bridge[onnx]'
+    pip install 'nuclick-bridge[engine]'
     python benchmarks/onnx_runtime.py [--batch-size 32] [--threads 2] [--repeats 5]
 """
 

@@ -1,5 +1,6 @@
-"""The ONNX Runtime backend: opt-in, for fp32 on the CPU only, refused in one
-line where it cannot run, and giving the torch backend's nuclei on real data."""
+"""The ONNX Runtime backend: what the commands' ``--backend auto`` picks for
+fp32 on the CPU, refused in one line where it cannot run, and giving the torch
+backend's nuclei on real data."""
 
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
 
 
-def test_torch_is_the_default_and_onnxruntime_runs_fp32_on_the_cpu():
-    assert NuClickEngine.load(device="cpu", precision="fp32").backend == "torch"  # even in fp32
-    assert resolve_backend("torch", CPU, "bf16") == "torch"
-    assert resolve_backend("torch", CUDA, "fp16") == "torch"
+def test_auto_picks_onnxruntime_for_fp32_on_the_cpu_and_torch_elsewhere():
+    assert resolve_backend("auto", CPU, "fp32") == "onnxruntime"
+    assert resolve_backend("auto", CPU, "bf16") == "torch"
+    assert resolve_backend("auto", CUDA, "fp32") == "torch"
+    assert resolve_backend("auto", CUDA, "fp16") == "torch"
+    assert resolve_backend("torch", CPU, "fp32") == "torch"
     assert resolve_backend("onnxruntime", CPU, "fp32") == "onnxruntime"
+    # the library's engine keeps torch unless asked; the commands ask for auto (test_cli: their help)
+    assert NuClickEngine.load(device="cpu", precision="fp32").backend == "torch"
 
 
 @pytest.mark.parametrize(
@@ -33,8 +38,7 @@ def test_torch_is_the_default_and_onnxruntime_runs_fp32_on_the_cpu():
     [
         ("onnxruntime", CPU, "bf16", "computes in fp32, but the precision is bf16"),
         ("onnxruntime", CUDA, "fp16", "runs on the CPU"),
-        ("tensorrt", CPU, "fp32", "must be one of torch, onnxruntime"),
-        ("auto", CPU, "fp32", "must be one of torch, onnxruntime"),
+        ("tensorrt", CPU, "fp32", "must be one of auto, torch, onnxruntime"),
     ],
 )
 def test_impossible_backends_are_refused(backend, device, precision, needle):
@@ -42,21 +46,21 @@ def test_impossible_backends_are_refused(backend, device, precision, needle):
         resolve_backend(backend, device, precision)
 
 
-def test_without_onnxruntime_the_choice_says_what_to_install():
+def test_without_onnxruntime_auto_runs_torch_and_the_choice_says_what_to_install():
     """A machine where onnxruntime is not installed (an import system that refuses it)."""
     code = (
         "import sys; sys.modules['onnxruntime'] = None\n"  # what Python does for a module that is not there
         "import torch\n"
         "from bridge.errors import BridgeInputError\n"
         "from bridge.model.onnxrt import resolve_backend\n"
-        "print(resolve_backend('torch', torch.device('cpu'), 'fp32'))\n"
+        "print(resolve_backend('auto', torch.device('cpu'), 'fp32'))\n"
         "try:\n"
         "    resolve_backend('onnxruntime', torch.device('cpu'), 'fp32')\n"
         "except BridgeInputError as e:\n"
         "    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out == ["torch", "the onnxruntime backend needs onnxruntime and onnx: pip install 'nuclick-bridge[onnx]'"]
+    assert out == ["torch", "the onnxruntime backend needs onnxruntime and onnx: pip install 'nuclick-bridge[engine]'"]
 
 
 def test_onnxruntime_gives_the_torch_nuclei_on_real_data(crop_pair):

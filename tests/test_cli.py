@@ -242,3 +242,5 @@ def test_help_teaches():
         assert cmd in proc.stdout
     seg = run_cli("segment", "--help")
     assert "example" in seg.stdout and "--points" in seg.stdout
+    words = " ".join(seg.stdout.split())
+    assert "--backend {auto,torch,onnxruntime}" in words and "auto (default) = onnxruntime where it computes" in words

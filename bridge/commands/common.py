@@ -12,9 +12,9 @@ PRECISION_HELP = (
 )
 
 BACKEND_HELP = (
-    "what runs the network: torch (default) or onnxruntime (fp32 on the CPU only; pip install "
-    "'nuclick-bridge[onnx]'); same results either way, and benchmarks/nuclei_per_second.py says which is faster "
-    "on this machine"
+    "what runs the network: auto (default) = onnxruntime where it computes in fp32 on the CPU (a CPU without "
+    "bf16 instructions, or --precision fp32), where it is faster, and torch otherwise; torch; or onnxruntime "
+    "(fp32 on the CPU only). Same results either way; benchmarks/nuclei_per_second.py times both on this machine"
 )
 
 
@@ -29,7 +29,7 @@ def add_device_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, inf
     )
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help=PRECISION_HELP)
     if inference:
-        p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"), help=BACKEND_HELP)
+        p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"), help=BACKEND_HELP)
         p.add_argument("--model", default="accurate", choices=("accurate", "fast"), help=MODEL_HELP)
 
 
@@ -102,6 +102,6 @@ def make_segmenter(args: argparse.Namespace):
         simplify_tolerance=tolerance,
         precision=args.precision,
         tta=getattr(args, "tta", 1),
-        backend=getattr(args, "backend", "torch"),
+        backend=getattr(args, "backend", "auto"),
         model=getattr(args, "model", "accurate"),
     )

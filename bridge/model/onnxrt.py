@@ -1,17 +1,17 @@
-"""ONNX Runtime as an opt-in fp32 CPU backend (``--backend onnxruntime``).
+"""ONNX Runtime as the fp32 CPU backend (``--backend auto``, the commands'
+default, picks it there; ``--backend onnxruntime`` asks for it).
 
 Most lab computers have no bfloat16 instructions, so they run the network in
-fp32, where ONNX Runtime's kernels may beat torch's: the issue that asked for
-a fast fp32 path measured 1.2x for the previous network on an AVX2-only EPYC.
-On our AVX-512 test CPU the two are level for the shipped network (see the
-model card), and we have no AVX2-only CPU to measure on (ONNX Runtime picks its
-kernels from the CPU itself; ``ONEDNN_MAX_CPU_ISA`` restricts only torch), so
-torch stays the default and ``benchmarks/nuclei_per_second.py`` times both on
-the lab's own machine.  Same probabilities as torch to within 1e-4.
+fp32, where ONNX Runtime's kernels beat torch's: the issue that asked for a
+fast fp32 path measured 1.2x for the previous network on an AVX2-only EPYC,
+and on our AVX-512 test CPU every speed run since the fifth session has it
+ahead end to end (1.17x to 1.26x; see the model card).  In bf16 and on a GPU
+torch runs the network.  Same probabilities as torch to within 1e-4.
 
 The network is exported from the loaded (BatchNorm-folded) model in memory
-when the engine starts, so any weights file works, the shipped one or one the
-lab trained; nothing is written to disk and nothing is downloaded.
+when the engine starts (about a second), so any weights file works, the
+shipped one or one the lab trained; nothing is written to disk and nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from torch import nn
 
 from bridge.errors import BridgeInputError
 
-BACKENDS = ("torch", "onnxruntime")
-_INSTALL = "the onnxruntime backend needs onnxruntime and onnx: pip install 'nuclick-bridge[onnx]'"
+BACKENDS = ("auto", "torch", "onnxruntime")
+_INSTALL = "the onnxruntime backend needs onnxruntime and onnx: pip install 'nuclick-bridge[engine]'"
 
 
 def onnxruntime_available() -> bool:
@@ -40,9 +40,13 @@ def onnxruntime_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
-    """The backend asked for, or one line on why it cannot run here."""
+    """The backend asked for (``auto``: ONNX Runtime for fp32 on the CPU when
+    it is installed, torch otherwise), or one line on why it cannot run here."""
     if backend not in BACKENDS:
         raise BridgeInputError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "auto":
+        fp32_cpu = device.type == "cpu" and precision == "fp32"
+        return "onnxruntime" if fp32_cpu and onnxruntime_available() else "torch"
     if backend == "torch":
         return backend
     if device.type != "cpu":
