@@ -81,24 +81,27 @@ downloaded at run time: the wheel is read once when training starts, and these w
 """
 
 
-def _training_words(meta: dict) -> str:
+def _training_words(meta: dict, told: set[str] | None = None) -> str:
     """The card's training line: one run, the runs an average was made of, or
     the parts a joined network was made of (each of them one of those)."""
+    told = set() if told is None else told  # versions whose history is already written
+
     if "joined_from" in meta:
         sources: dict[tuple[str, str], list[dict]] = {}  # views taken from one joined file share its history
         for p in meta["joined_from"]:
             sources.setdefault((p["file"], p["version"]), []).append(p)
         parts = []
         for (file, version), views in sources.items():
+            told.add(version)
             names = " and ".join(p["part"] for p in views)
             parts.append(
                 f"The {names} part{'s' if len(views) > 1 else ''} ({views[0]['arch']}, {views[0]['patch_size']}-px "
-                f"patches, `{Path(file).name}`, version `{version}`): {_training_words(views[0])}"
+                f"patches, `{Path(file).name}`, version `{version}`): {_training_words(views[0], told)}"
             )
         return f"{len(parts)} trained files joined by `scripts/combine_scales.py`. " + " ".join(parts)
     if "averaged_from" in meta:
         parts = [
-            f"`{Path(run['file']).name}` (version `{run['version']}`): {_training_words(run)}"
+            f"`{Path(run['file']).name}` (version `{run['version']}`): {_training_words(run, told)}"
             for run in meta["averaged_from"]
         ]
         return f"the parameter-wise average of {len(parts)} weights files (`scripts/average_weights.py`). " + " ".join(
@@ -110,10 +113,12 @@ def _training_words(meta: dict) -> str:
     )
     start = meta.get("init_from")
     if start:
-        words += (
-            f" It started from `{Path(start['file']).name}` (version `{start['version']}`, {start['arch']}): "
-            + _training_words(start)
-        )
+        words += f" It started from `{Path(start['file']).name}` (version `{start['version']}`, {start['arch']})"
+        if start["version"] in told:  # a view grown from a file whose history is already on the line
+            words += ", traced above."
+        else:
+            told.add(start["version"])
+            words += ": " + _training_words(start, told)
     elif meta.get("init"):  # files trained before init_from was recorded name only the path
         words += f" It started from `{meta['init']}`."
     return words

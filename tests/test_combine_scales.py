@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bridge.model.architectures import build, parse_arch
-from bridge.model.weights import default_weights_path, load_model, save_weights
+from bridge.model.weights import default_weights_path, load_model, save_weights, source_record
 from support.scripts import load_script
 
 
@@ -94,7 +94,9 @@ def test_a_joined_file_and_an_x4_view_make_three_views_averaged_where_they_overl
     closer.load_state_dict(near.state_dict())
     with torch.no_grad():
         closer.head.bias.sub_(2.0)
-    save_weights(tmp_path / "x4.pt", closer, {"name": "x4", "patch_size": 32, "sigma": info.sigma, "epoch": 3})
+    grown_from = source_record(two, load_model(two)[1])  # what `train --init two.pt` records
+    meta = {"name": "x4", "patch_size": 32, "sigma": info.sigma, "epoch": 3, "init_from": grown_from}
+    save_weights(tmp_path / "x4.pt", closer, meta)
     out = tmp_path / "three.pt"
     assert combine.main([str(out), str(two), str(tmp_path / "x4.pt")]) == 0
     joined, jinfo = load_model(out)
@@ -109,6 +111,9 @@ def test_a_joined_file_and_an_x4_view_make_three_views_averaged_where_they_overl
     assert words.startswith("2 trained files joined") and words.count("The ") == 4, words
     assert "The wide and near parts (effunet-lite0-2scale, 128-px patches, `two.pt`" in words
     assert "The closer part (effunet-lite0-x4, 32-px patches, `x4.pt`" in words
+    assert words.endswith(
+        f"It started from `two.pt` (version `{grown_from['version']}`, effunet-lite0-2scale), traced above."
+    )
     wide, closer = load_model(parts[0])[0], load_model(tmp_path / "x4.pt")[0]
     x = _real_patch(crop_pair)
     with torch.no_grad():

@@ -28,7 +28,7 @@ def _patches(crop_pair) -> np.ndarray:
 
 def test_fast_is_the_whole_patch_view_of_the_shipped_file_alone(crop_pair):
     joined, info = load_model()
-    assert info.arch == "effunet-lite0-2scale"
+    assert info.arch == "effunet-lite0-3scale"
     x = _patches(crop_pair)
     fast = NuClickEngine.load(device="cpu", precision="fp32", model="fast")
     accurate = NuClickEngine.load(device="cpu", precision="fp32")
@@ -38,7 +38,7 @@ def test_fast_is_the_whole_patch_view_of_the_shipped_file_alone(crop_pair):
         wide = torch.sigmoid(joined.wide(torch.from_numpy(x)))[:, 0].numpy()
     pf, pa = fast.predict(x), accurate.predict(x)
     assert np.abs(pf - wide).max() < 1e-4
-    # the second view changes the centre only, and there it changes outlines
+    # the magnified views change the centre half only, and there they change outlines
     assert np.abs(pa[:, :32] - pf[:, :32]).max() < 1e-4
     assert ((pa[:, 32:96, 32:96] > 0.4) != (pf[:, 32:96, 32:96] > 0.4)).sum() > 10
 

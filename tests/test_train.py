@@ -337,7 +337,7 @@ def _shipped_lite0(tmp_path):
 
     model, info = load_model(default_weights_path())
     if info.arch != "effunet-lite0":
-        assert info.arch == "effunet-lite0-2scale"
+        assert info.arch in ("effunet-lite0-2scale", "effunet-lite0-3scale")
         model = model.wide
     path = tmp_path / "lite0.pt"
     save_weights(path, model, {"name": "lite0", "patch_size": 128})
@@ -473,33 +473,35 @@ def test_learning_rate_defaults_follow_the_architecture():
     assert TrainConfig(arch="nuclick", lr=5e-4).lr == 5e-4
 
 
-def test_the_joined_network_fine_tunes_as_a_whole_and_both_parts_learn(tiny_set, tmp_path):
-    """`train --arch effunet-lite0-2scale --init JOINED.pt`: one loss on the
-    averaged logits moves both parts, and the file written is still the joined
-    network, loadable as such."""
+def test_the_joined_network_fine_tunes_as_a_whole_and_every_part_learns(tiny_set, tmp_path):
+    """`train --arch effunet-lite0-3scale --init JOINED.pt` (the shipped file):
+    one loss on the averaged logits moves all three views, and the file written
+    is still the joined network, loadable as such."""
     from bridge.model.weights import default_weights_path
 
     init = default_weights_path()
     before, init_info = load_model(init)
-    assert init_info.arch == "effunet-lite0-2scale"
+    assert init_info.arch == "effunet-lite0-3scale"
     cfg = TrainConfig(
-        arch="effunet-lite0-2scale", epochs=1, batch_size=4, samples_per_epoch=8, lr=1e-3, warmup_steps=1, ema_decay=0
+        arch="effunet-lite0-3scale", epochs=1, batch_size=4, samples_per_epoch=8, lr=1e-3, warmup_steps=1, ema_decay=0
     )
     out = tmp_path / "joint.pt"
     train(cfg, load_split(tiny_set, "train"), {}, out, torch.device("cpu"), init=init)
     after, info = load_model(out)
-    assert info.arch == "effunet-lite0-2scale" and info.patch_size == 128
+    assert info.arch == "effunet-lite0-3scale" and info.patch_size == 128
     # the new file traces back through the file it started from (and what that one started from) to the
     # parts that were joined
     start = info.extra["init_from"]
-    assert start["version"] == init_info.version and start["arch"] == "effunet-lite0-2scale"
+    assert start["version"] == init_info.version and start["arch"] == "effunet-lite0-3scale"
     while "joined_from" not in start:
         start = start["init_from"]
+    # the shipped file's first two views came from a two-view file, the third from an x4 file
     assert [(p["part"], p["arch"]) for p in start["joined_from"]] == [
-        ("wide", "effunet-lite0"),
-        ("near", "effunet-lite0-x2"),
+        ("wide", "effunet-lite0-2scale"),
+        ("near", "effunet-lite0-2scale"),
+        ("closer", "effunet-lite0-x4"),
     ]
-    for part in ("wide", "near"):
+    for part in ("wide", "near", "closer"):
         old, new = getattr(before, part).state_dict(), getattr(after, part).state_dict()
         moved = [k for k in old if old[k].is_floating_point() and not torch.equal(old[k], new[k].to(old[k].dtype))]
         assert len(moved) > len(old) // 2, f"the {part} part hardly moved: {len(moved)} of {len(old)} tensors"
