@@ -45,6 +45,16 @@ def _real_patch(crop_pair) -> torch.Tensor:
     return x
 
 
+def _assert_is_lite0_magnified(out: torch.Tensor, net, crop: torch.Tensor, zoom: int) -> None:
+    """``out`` (what ``net`` gave for ``crop``) is plain Lite0 with ``net``'s
+    weights run on the crop magnified ``zoom`` times, averaged back down."""
+    view = F.interpolate(crop, scale_factor=zoom, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        ref = build(parse_arch("effunet-lite0"))
+        ref.load_state_dict(net.state_dict())
+        torch.testing.assert_close(out, F.avg_pool2d(ref.eval()(view), zoom), rtol=0, atol=1e-5)
+
+
 def test_joined_network_is_the_wide_view_with_the_mean_of_both_in_the_centre(combine, parts, tmp_path, crop_pair):
     out = tmp_path / "joined.pt"
     assert combine.main([str(out), str(parts[0]), str(parts[1])]) == 0
@@ -63,12 +73,7 @@ def test_joined_network_is_the_wide_view_with_the_mean_of_both_in_the_centre(com
     torch.testing.assert_close(got[..., :, 100:], w[..., :, 100:])
     torch.testing.assert_close(got[..., 32:96, 32:96], (w[..., 32:96, 32:96] + n) / 2, rtol=1e-4, atol=1e-4)
     assert (got[..., 32:96, 32:96] - w[..., 32:96, 32:96]).abs().mean() > 0.1, "the near view counts"
-    # the near view is Lite0 on the centre magnified twice
-    view = F.interpolate(x[..., 32:96, 32:96], size=(128, 128), mode="bilinear", align_corners=False)
-    with torch.no_grad():
-        ref = build(parse_arch("effunet-lite0"))
-        ref.load_state_dict(near.state_dict())
-        torch.testing.assert_close(n, F.avg_pool2d(ref.eval()(view), 2), rtol=0, atol=1e-5)
+    _assert_is_lite0_magnified(n, near, x[..., 32:96, 32:96], zoom=2)  # the near view: the centre magnified twice
 
 
 def test_parts_in_the_wrong_order_or_of_the_wrong_size_are_refused_in_one_line(combine, parts, tmp_path, capsys):
@@ -126,12 +131,7 @@ def test_a_joined_file_and_an_x4_view_make_three_views_averaged_where_they_overl
     three = (w[..., 48:80, 48:80] + n[..., 16:48, 16:48] + c) / 3
     torch.testing.assert_close(got[..., 48:80, 48:80], three, rtol=1e-4, atol=1e-4)
     assert (got[..., 48:80, 48:80] - ring[..., 16:48, 16:48]).abs().mean() > 0.3, "the close view counts"
-    # the close view is Lite0 on the centre quarter magnified four times
-    view = F.interpolate(x[..., 48:80, 48:80], size=(128, 128), mode="bilinear", align_corners=False)
-    with torch.no_grad():
-        ref = build(parse_arch("effunet-lite0"))
-        ref.load_state_dict(closer.state_dict())
-        torch.testing.assert_close(c, F.avg_pool2d(ref.eval()(view), 4), rtol=0, atol=1e-5)
+    _assert_is_lite0_magnified(c, closer, x[..., 48:80, 48:80], zoom=4)  # the close view: the centre quarter, x4
 
 
 def test_an_x4_view_of_the_wrong_size_or_without_the_x2_view_is_refused(combine, parts, tmp_path, capsys):
