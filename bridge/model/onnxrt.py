@@ -4,8 +4,8 @@ default, picks it there; ``--backend onnxruntime`` asks for it).
 Most lab computers have no bfloat16 instructions, so they run the network in
 fp32, where ONNX Runtime's kernels beat torch's: the issue that asked for a
 fast fp32 path measured 1.2x for the previous network on an AVX2-only EPYC,
-and on our AVX-512 test CPU every speed run since the fifth session has it
-ahead end to end (1.17x to 1.26x; see the model card).  In bf16 and on a GPU
+and on our AVX-512 test CPU every speed run since the fourth session has it
+ahead end to end (1.1x to 1.3x; see the model card).  In bf16 and on a GPU
 torch runs the network.  Same probabilities as torch to within 1e-4.
 
 The network is exported from the loaded (BatchNorm-folded) model in memory
