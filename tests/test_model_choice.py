@@ -1,4 +1,4 @@
-"""`--model fast|accurate`: the shipped two-scale file run whole, or its
+"""`--model fast|accurate`: the shipped three-view file run whole, or its
 whole-patch view alone, through the engine, the CLI and the server."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def test_cli_evaluates_with_either_model_and_refuses_fast_for_a_single_network(d
     save_weights(tmp_path / "tiny.pt", NuClickNet(0.125), {"name": "tiny"})
     assert main([*base, "--weights", str(tmp_path / "tiny.pt"), "--model", "fast"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and "tiny.pt holds one network (nuclick-w0.125)" in err[0]
+    assert len(err) == 1 and "tiny.pt holds one network (nuclick-w0.125)" in err[0] and "joined views" in err[0]
 
 
 def test_fast_on_a_server_is_a_server_flag(tmp_path, crop_pair, capsys):

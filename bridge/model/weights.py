@@ -174,11 +174,11 @@ def load_model(path: str | Path | None = None, choice: str = "accurate") -> tupl
 
 
 def fast_view(model: nn.Module, info: ModelInfo, path: Path) -> tuple[nn.Module, ModelInfo]:
-    """The whole-patch part of a two-scale network, reported as what it is."""
+    """The whole-patch part of a joined (two- or three-view) network, reported as what it is."""
     if not isinstance(model, TwoScaleUNet):
         raise BridgeInputError(
             f"{path.name} holds one network ({info.arch}); --model fast takes the whole-patch view of a "
-            "two-scale file such as the shipped one"
+            "file of joined views (two or three) such as the shipped one"
         )
     part = model.wide
     return part, replace(info, arch=spec_of(part).label, extra={**info.extra, "model": "fast", "joined": info.arch})
