@@ -26,8 +26,6 @@ from bridge.errors import BridgeInputError
 from bridge.model.architectures import JOINED_FROM, build, parse_arch, spec_of
 from bridge.model.weights import ModelInfo, derived_meta, load_model, save_weights, source_record
 
-# the joined networks' attribute for each view, widest first (bridge/model/twoscale.py)
-VIEW_NAMES = ("wide", "near", "closer")
 SHARE = {2: "half", 4: "a quarter"}
 
 
@@ -47,8 +45,8 @@ def views_of(path: Path) -> list[View]:
     net, info = load_model(path)
     if info.arch not in JOINED_FROM:
         return [View(info.arch, net, info.patch_size, path, info, None)]
-    parts = [(name, getattr(net, name)) for name in VIEW_NAMES if hasattr(net, name)]
-    return [View(spec_of(p).label, p, info.patch_size // p.zoom, path, info, name) for name, p in parts]
+    # a joined network's children are its views, widest first (bridge/model/twoscale.py)
+    return [View(spec_of(p).label, p, info.patch_size // p.zoom, path, info, name) for name, p in net.named_children()]
 
 
 def combine(paths: list[Path]) -> tuple[nn.Module, dict]:
@@ -71,12 +69,10 @@ def combine(paths: list[Path]) -> tuple[nn.Module, dict]:
         if v.info.sigma != wide.info.sigma:
             raise BridgeInputError(f"guidance sigma differs: {wide.info.sigma:g} px and {v.info.sigma:g} px")
     joined = build(parse_arch(joined_name))
-    for name, v in zip(VIEW_NAMES, views, strict=False):
-        getattr(joined, name).load_state_dict(v.net.state_dict())
-    joined_from = [
-        source_record(v.path, v.info, part=name, **({"view_in_file": v.part} if v.part else {}))
-        for name, v in zip(VIEW_NAMES, views, strict=False)
-    ]
+    joined_from = []
+    for (name, part), v in zip(joined.named_children(), views, strict=True):
+        part.load_state_dict(v.net.state_dict())
+        joined_from.append(source_record(v.path, v.info, part=name, **({"view_in_file": v.part} if v.part else {})))
     return joined, derived_meta(wide.info, name=joined_name, joined_from=joined_from)
 
 
