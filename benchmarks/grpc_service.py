@@ -91,14 +91,20 @@ def percentiles(ms: list[float]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    ap.add_argument("--image", default="TCGA-21-5786-01Z-00-DX1")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    ap.add_argument(
+        "--data",
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+        help="the shared data folder; the image is read from its monuseg/ (default: ../shared/data)",
+    )
+    ap.add_argument("--image", default="TCGA-21-5786-01Z-00-DX1", help="monuseg image to click (default: %(default)s)")
+    ap.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where the network runs (default: cpu)"
+    )
     ap.add_argument("--width", type=float, default=0.25, help="network width when no weights are shipped")
     ap.add_argument("--weights", default=None, help="weights file (default: shipped, else random)")
     ap.add_argument("--requests", type=int, default=40, help="single-click requests per transport")
     ap.add_argument("--clicks", type=int, default=96, help="nuclei for the throughput runs (0: all)")
-    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default: 32)")
     ap.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads, in-process and in the server (0: default)"
     )

@@ -34,9 +34,9 @@ def best_of(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=32, help="patches per network batch (default: 32)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for both backends (default: 2)")
+    ap.add_argument("--repeats", type=int, default=5, help="timings per backend, the best kept (default: 5)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     options = {"device": "cpu", "precision": "fp32", "batch_size": args.batch_size, "threads": args.threads}

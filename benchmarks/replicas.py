@@ -72,7 +72,7 @@ def same(a, b) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="the shared data folder")
     ap.add_argument("--replicas", default="1,2,3", help="replica counts to time (default: 1,2,3)")
     ap.add_argument("--clicks", type=int, default=0, help="use only the first N clicks (default: all)")
     ap.add_argument("--weights", default=None, help="weights file (default: the shipped weights)")

@@ -35,11 +35,16 @@ def _skipping(engine: NuClickEngine, drop: np.random.Generator, skip: float, rea
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("../shared/data"), help="folder holding monuseg, consep_tiles")
-    ap.add_argument("--datasets", default="monuseg,consep_tiles")
+    ap.add_argument("--datasets", default="monuseg,consep_tiles", help="comma-separated (default: %(default)s)")
     ap.add_argument("--weights", help="weights file (default: the shipped one)")
     ap.add_argument("--skip", type=float, default=0.1, help="chance that a click is left out (default: 0.1)")
     ap.add_argument("--skip-seed", type=int, default=1, help="seed of the clicks left out (default: 1)")
-    ap.add_argument("--precision", default="auto")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="network arithmetic (default: auto, bf16 on a CPU with bf16 instructions)",
+    )
     args = ap.parse_args()
     if not 0 <= args.skip < 1:
         ap.error(f"--skip must be from 0 up to, not including, 1, not {args.skip}")

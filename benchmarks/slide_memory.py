@@ -69,7 +69,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=100_000, help="slide side in px (default 100000)")
     ap.add_argument("--clicks", type=int, default=50_000, help="clicks (default 50000)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/slide_memory"), help="where the slide and outputs go")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "monuseg")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "monuseg",
+        help="monuseg folder the slide is tiled from",
+    )
     ap.add_argument("--modes", default="local,server", help="local, server or both (default)")
     ap.add_argument("--method", default="nuclick", choices=("nuclick", "watershed"), help="local runs only")
     ap.add_argument("--concurrency", type=int, default=4, help="tiles in flight in server mode (default 4)")
