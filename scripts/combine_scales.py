@@ -2,7 +2,8 @@
 Lite0 (the whole patch) and Lite0-x2 (its centre half, magnified twice) make
 `effunet-lite0-2scale`; adding Lite0-x4 (its centre quarter, magnified four
 times) makes `effunet-lite0-3scale`.  A joined file may stand for the views it
-holds, so the shipped two-scale file plus an x4 file make a three-scale one.
+holds, so a two-scale file plus an x4 file make a three-scale one (as the
+shipped file was made).
 
 Why: the views fail differently (the magnified ones draw small nuclei better,
 the wide one keeps the context of large ones); the mean of their logits has

@@ -160,7 +160,7 @@ def start_from(model: nn.Module, spec: ArchSpec, init: Path) -> dict:
     """Load ``--init`` weights into ``model``: the same architecture, or the one
     it grows from (``GROWS_FROM``), whose weights fill every shared layer while
     the new parts keep their identity start.  From a joined file (``JOINED_FROM``,
-    e.g. the shipped two-scale network) the part of that architecture is taken,
+    the two- and three-view networks) the view of that architecture is taken,
     unless the joined network itself is trained (fine-tuned as a whole).
 
     Returns the init file's :func:`source_record`, which the weights written
