@@ -122,8 +122,8 @@ def main() -> None:
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="precision of the default's first rows (auto: bf16 on a CPU with bf16 instructions); "
-        "an fp32 row is always timed too",
+        help="each network is timed in this precision and in fp32 (default: auto, bf16 on a CPU with bf16 "
+        "instructions)",
     )
     ap.add_argument(
         "--repeats",
