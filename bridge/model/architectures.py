@@ -60,6 +60,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "effunet-lite0-x4": lambda: EffUNet("lite0", zoom=4),
     # the two-scale network plus Lite0-x4 on the centre quarter; three Lite0s' cost
     "effunet-lite0-3scale": lambda: ThreeScaleUNet("lite0"),
+    # the same three views with a Lite2 encoder in the whole-patch view (Lite2 alone
+    # outlines consep better than Lite0 alone, at about the same cost per patch)
+    "effunet-lite2wide-3scale": lambda: ThreeScaleUNet("lite0", wide_variant="lite2"),
 }
 
 
@@ -95,6 +98,9 @@ JOINED_FROM: dict[str, JoinedFrom] = {
     "effunet-lite0-2scale": JoinedFrom("scripts/combine_scales.py", (("effunet-lite0", 128), ("effunet-lite0-x2", 64))),
     "effunet-lite0-3scale": JoinedFrom(
         "scripts/combine_scales.py", (("effunet-lite0", 128), ("effunet-lite0-x2", 64), ("effunet-lite0-x4", 32))
+    ),
+    "effunet-lite2wide-3scale": JoinedFrom(
+        "scripts/combine_scales.py", (("effunet-lite2", 128), ("effunet-lite0-x2", 64), ("effunet-lite0-x4", 32))
     ),
 }
 
@@ -133,7 +139,8 @@ def spec_of(model: nn.Module) -> ArchSpec:
     if isinstance(model, NuClickNet):
         return ArchSpec("nuclick", {"width": model.width})
     if isinstance(model, ThreeScaleUNet):
-        return ArchSpec(f"effunet-{model.variant}-3scale")
+        views = model.variant if model.wide_variant == model.variant else f"{model.wide_variant}wide"
+        return ArchSpec(f"effunet-{views}-3scale")
     if isinstance(model, TwoScaleUNet):
         return ArchSpec(f"effunet-{model.variant}-2scale")
     if isinstance(model, EffUNet):

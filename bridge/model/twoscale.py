@@ -21,12 +21,17 @@ from bridge.model.effunet import EffUNet
 class TwoScaleUNet(nn.Module):
     """5 channels in, one logit map out (NuClick's contract): ``wide`` runs on
     the patch, ``near`` (zoom 2) on its centre half, and in that centre the
-    logits are the mean of the two."""
+    logits are the mean of the two.
 
-    def __init__(self, variant: str = "lite0") -> None:
+    ``wide_variant`` gives the whole-patch view its own encoder (default: the
+    same as the magnified views'): a larger encoder there costs little, since
+    the decoder and full-resolution stage dominate each view's time."""
+
+    def __init__(self, variant: str = "lite0", wide_variant: str | None = None) -> None:
         super().__init__()
         self.variant = variant
-        self.wide = EffUNet(variant)
+        self.wide_variant = wide_variant or variant
+        self.wide = EffUNet(self.wide_variant)
         self.near = EffUNet(variant, zoom=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +52,8 @@ class ThreeScaleUNet(TwoScaleUNet):
     input.  The centre quarter (32 px of a 128-px patch) holds the clicked
     nucleus itself, so the close view needs no more context than that."""
 
-    def __init__(self, variant: str = "lite0") -> None:
-        super().__init__(variant)
+    def __init__(self, variant: str = "lite0", wide_variant: str | None = None) -> None:
+        super().__init__(variant, wide_variant)
         self.closer = EffUNet(variant, zoom=4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
