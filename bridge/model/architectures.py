@@ -61,7 +61,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     # the two-scale network plus Lite0-x4 on the centre quarter; three Lite0s' cost
     "effunet-lite0-3scale": lambda: ThreeScaleUNet("lite0"),
     # the same three views with a Lite2 encoder in the whole-patch view (Lite2 alone
-    # outlines consep better than Lite0 alone, at about the same cost per patch)
+    # outlines consep better than Lite0 alone, at about the same cost per patch; in
+    # three views it measured level with the shipped file, so it is not shipped)
     "effunet-lite2wide-3scale": lambda: ThreeScaleUNet("lite0", wide_variant="lite2"),
 }
 
