@@ -139,11 +139,10 @@ def spec_of(model: nn.Module) -> ArchSpec:
         return spec
     if isinstance(model, NuClickNet):
         return ArchSpec("nuclick", {"width": model.width})
-    if isinstance(model, ThreeScaleUNet):
-        views = model.variant if model.wide_variant == model.variant else f"{model.wide_variant}wide"
-        return ArchSpec(f"effunet-{views}-3scale")
-    if isinstance(model, TwoScaleUNet):
-        return ArchSpec(f"effunet-{model.variant}-2scale")
+    if isinstance(model, TwoScaleUNet):  # ThreeScaleUNet included
+        encoders = model.variant if model.wide_variant == model.variant else f"{model.wide_variant}wide"
+        views = 3 if isinstance(model, ThreeScaleUNet) else 2
+        return ArchSpec(f"effunet-{encoders}-{views}scale")
     if isinstance(model, EffUNet):
         edge = "-edge" if model.refine is not None else ""
         zoom = f"-x{model.zoom}" if model.zoom > 1 else ""
