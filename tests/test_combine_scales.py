@@ -37,6 +37,18 @@ def parts(tmp_path):
     return tmp_path / "wide.pt", tmp_path / "near.pt"
 
 
+def _x4_file(near_path: Path, out: Path, patch_size: int, bias_shift: float = 0.0, **meta) -> Path:
+    """An effunet-lite0-x4 file with the x2 view's weights (its output bias
+    moved by ``bias_shift``, so that the views differ), saved for ``patch_size``."""
+    near, info = load_model(near_path)
+    closer = build(parse_arch("effunet-lite0-x4"))
+    closer.load_state_dict(near.state_dict())
+    with torch.no_grad():
+        closer.head.bias.add_(bias_shift)
+    save_weights(out, closer, {"name": "x4", "patch_size": patch_size, "sigma": info.sigma, **meta})
+    return out
+
+
 def _real_patch(crop_pair) -> torch.Tensor:
     img, _ = crop_pair
     x = torch.zeros(1, 5, 128, 128)
@@ -95,14 +107,9 @@ def test_a_joined_file_and_an_x4_view_make_three_views_averaged_where_they_overl
     views, an x4 file trained on a quarter of the patch is the third."""
     two = tmp_path / "two.pt"
     assert combine.main([str(two), str(parts[0]), str(parts[1])]) == 0
-    near, info = load_model(parts[1])
-    closer = build(parse_arch("effunet-lite0-x4"))
-    closer.load_state_dict(near.state_dict())
-    with torch.no_grad():
-        closer.head.bias.sub_(2.0)
+    near = load_model(parts[1])[0]
     grown_from = source_record(two, load_model(two)[1])  # what `train --init two.pt` records
-    meta = {"name": "x4", "patch_size": 32, "sigma": info.sigma, "epoch": 3, "init_from": grown_from}
-    save_weights(tmp_path / "x4.pt", closer, meta)
+    _x4_file(parts[1], tmp_path / "x4.pt", 32, bias_shift=-2.0, epoch=3, init_from=grown_from)
     out = tmp_path / "three.pt"
     assert combine.main([str(out), str(two), str(tmp_path / "x4.pt")]) == 0
     joined, jinfo = load_model(out)
@@ -136,10 +143,7 @@ def test_a_joined_file_and_an_x4_view_make_three_views_averaged_where_they_overl
 
 
 def test_an_x4_view_of_the_wrong_size_or_without_the_x2_view_is_refused(combine, parts, tmp_path, capsys):
-    near, info = load_model(parts[1])
-    closer = build(parse_arch("effunet-lite0-x4"))
-    closer.load_state_dict(near.state_dict())
-    save_weights(tmp_path / "x4.pt", closer, {"name": "x4", "patch_size": 64, "sigma": info.sigma})
+    _x4_file(parts[1], tmp_path / "x4.pt", 64)
     out = tmp_path / "three.pt"
     assert combine.main([str(out), str(parts[0]), str(parts[1]), str(tmp_path / "x4.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -154,14 +158,12 @@ def test_one_view_of_a_joined_file_can_join_a_lite2_wide_view(combine, parts, tm
     """FILE:VIEW takes one view of a joined file, so a Lite2 wide view can
     replace a three-scale file's Lite0 one (effunet-lite2wide-3scale)."""
     three = tmp_path / "three.pt"
-    near, info = load_model(parts[1])
-    closer = build(parse_arch("effunet-lite0-x4"))
-    closer.load_state_dict(near.state_dict())
-    save_weights(tmp_path / "x4.pt", closer, {"name": "x4", "patch_size": 32, "sigma": info.sigma})
-    assert combine.main([str(three), str(parts[0]), str(parts[1]), str(tmp_path / "x4.pt")]) == 0
+    x4 = _x4_file(parts[1], tmp_path / "x4.pt", 32)
+    assert combine.main([str(three), str(parts[0]), str(parts[1]), str(x4)]) == 0
     torch.manual_seed(3)
     lite2 = build(parse_arch("effunet-lite2")).eval()
-    save_weights(tmp_path / "lite2.pt", lite2, {"name": "lite2", "patch_size": 128, "sigma": info.sigma})
+    sigma = load_model(three)[1].sigma
+    save_weights(tmp_path / "lite2.pt", lite2, {"name": "lite2", "patch_size": 128, "sigma": sigma})
     out = tmp_path / "mixed.pt"
     assert combine.main([str(out), str(tmp_path / "lite2.pt"), f"{three}:near", f"{three}:closer"]) == 0
     mixed, minfo = load_model(out)
