@@ -22,6 +22,7 @@ import numpy as np
 
 from bridge.evaluation.datasets import load_split
 from bridge.evaluation.evaluate import evaluate
+from bridge.model.precision import PRECISIONS
 from bridge.nuclick.engine import NuClickEngine
 from bridge.nuclick.segmentation import Segmentation
 
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument(
         "--precision",
         default="auto",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
         help="network arithmetic (default: auto, bf16 on a CPU with bf16 instructions)",
     )
     args = ap.parse_args()
