@@ -56,6 +56,19 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     )
 
 
+def version_text() -> str:
+    """The package version and the shipped model's, read from the card's JSON (no torch needed)."""
+    import json
+    from importlib.resources import files
+
+    try:
+        card = json.loads(files("bridge").joinpath("weights/model_card.json").read_text())
+        model = f"model {card['name']} version {card['version']}"
+    except (OSError, ValueError, KeyError):
+        model = "no model shipped"
+    return f"nuclick-bridge {__version__} ({model})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nuclick-bridge",
@@ -63,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Coordinates are level-0 image pixels; pixel (c, r) spans [c, c+1) x [r, r+1), as in QuPath. "
         "Run 'nuclick-bridge COMMAND --help' for each command.",
     )
-    parser.add_argument("--version", action="version", version=f"nuclick-bridge {__version__}")
+    parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -123,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed for simulated clicks (default: 0)")
     p.add_argument("--out", default=None, metavar="PRED_DIR", help="write predicted instance PNGs here")
+    p.add_argument(
+        "--figures",
+        default=None,
+        metavar="DIR",
+        help="write pictures here: per image STEM_overlay.png (truth, prediction, clicks) and accuracy_by_size.png",
+    )
     _add_engine(p)
     p.set_defaults(handler="bridge.commands.evaluate:run")
 

@@ -244,3 +244,14 @@ def test_help_teaches():
     assert "example" in seg.stdout and "--points" in seg.stdout
     words = " ".join(seg.stdout.split())
     assert "--backend {auto,torch,onnxruntime}" in words and "auto (default) = onnxruntime where it computes" in words
+
+
+def test_version_names_the_package_and_the_shipped_model_without_torch():
+    """--version reads the card's JSON: it answers where torch cannot be imported."""
+    from bridge import __version__
+
+    card = json.loads((Path(__file__).resolve().parents[1] / "bridge" / "weights" / "model_card.json").read_text())
+    code = "import sys; sys.modules['torch'] = None; from bridge.cli import main; main(['--version'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"nuclick-bridge {__version__} (model {card['name']} version {card['version']})"

@@ -29,6 +29,7 @@ class EvalReport:
     summary: dict
     per_image: dict[str, dict] = field(default_factory=dict)
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    clicks: dict[str, list[Click]] = field(default_factory=dict)  # with the predictions
 
 
 def clicks_for(item: LabelledImage, clicks_dir: Path | None, jitter: float, rng: np.random.Generator):
@@ -55,6 +56,7 @@ def evaluate(
     rng = np.random.default_rng(seed)
     per_image: dict[str, dict] = {}
     preds: dict[str, np.ndarray] = {}
+    kept_clicks: dict[str, list[Click]] = {}
     n_nuclei = 0
     seconds = 0.0
     for item in tqdm(items, desc="images", unit="img", disable=not progress):
@@ -68,6 +70,7 @@ def evaluate(
         n_nuclei += len(clicks)
         if keep_predictions:
             preds[item.name] = pred
+            kept_clicks[item.name] = list(clicks)
     summary = aggregate(list(per_image.values()))
     summary.update(images=len(items), nuclei=n_nuclei, nuclei_per_s=round(n_nuclei / seconds, 2) if seconds else 0.0)
-    return EvalReport(summary, per_image, preds)
+    return EvalReport(summary, per_image, preds, kept_clicks)
