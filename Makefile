@@ -45,15 +45,18 @@ clean:
 
 # The OMERO connector (nuclick-bridge omero) needs omero-py, which needs zeroc-ice 3.6.5:
 # PyPI has only its source, which needs two fixes to build on Python 3.11.
-# scripts/build_zeroc_ice.py builds the wheel once (about 5 minutes on 2 cores), caches it in
-# $(WHEELS), then installs ".[omero]" taking zeroc-ice from there (seconds on later runs).
-WHEELS ?= .cache/wheels
+# scripts/build_zeroc_ice.py builds the wheel once, compiling on every CPU, caches it in the user's
+# cache folder (${XDG_CACHE_HOME:-~/.cache}/nuclick-bridge/wheels/<python>-<platform>, shared by
+# every clone on the machine; WHEELS=DIR puts it elsewhere), then installs ".[omero]" taking
+# zeroc-ice from there (seconds on later runs and in later clones).
+WHEELS ?=
+ICE_WHEEL_DIR = $(if $(WHEELS),--wheel-dir $(WHEELS))
 .PHONY: install-omero
 
 install-omero: $(VENV)/.installed-omero
 
 $(VENV)/.installed-omero: $(VENV)/.installed scripts/build_zeroc_ice.py
-	nice -n 10 $(BIN)/python scripts/build_zeroc_ice.py --wheel-dir $(WHEELS) --install
+	nice -n 10 $(BIN)/python scripts/build_zeroc_ice.py $(ICE_WHEEL_DIR) --install
 	touch $@
 
 # The QuPath extension's plain-Java core (qupath_extension/): compiled with the machine's javac
@@ -93,7 +96,7 @@ install-client: $(CLIENT_VENV)/.installed
 
 $(CLIENT_VENV)/.installed: pyproject.toml scripts/build_zeroc_ice.py
 	test -x $(CLIENT_VENV)/bin/python || $(PY) -m venv $(CLIENT_VENV)
-	nice -n 10 $(CLIENT_VENV)/bin/python scripts/build_zeroc_ice.py --wheel-dir $(WHEELS) --install
+	nice -n 10 $(CLIENT_VENV)/bin/python scripts/build_zeroc_ice.py $(ICE_WHEEL_DIR) --install
 	! $(CLIENT_VENV)/bin/python -c "import torch" 2>/dev/null
 	touch $@
 

@@ -3,7 +3,7 @@
 
 Why: omero-py needs zeroc-ice 3.6.x, and PyPI only has the 3.6.5 *source*
 release, which does not compile on Python 3.11 as it stands.  Two small source
-fixes make it build (about 4 minutes on 2 cores) and work with omero-py 5.23:
+fixes make it build and work with omero-py 5.23:
 
 * ``src/Slice.cpp`` includes ``<eval.h>``, a header Python 3.11 removed (its
   declarations come with ``Python.h``): the include is dropped;
@@ -13,13 +13,20 @@ fixes make it build (about 4 minutes on 2 cores) and work with omero-py 5.23:
 
 Both fixes are valid on 3.9 and 3.10 too, so they are always applied.
 
+Its ``setup.py`` builds one extension (IcePy) from 217 C++ files, which
+setuptools compiles one after the other (``build_ext --parallel`` runs
+*extensions* in parallel, and there is only one).  A third patch makes it
+compile the files of an extension on ``--jobs`` threads (default: every CPU).
+
 What it does: looks for ``zeroc_ice-3.6.5-<this interpreter's tag>.whl`` in
-the wheel cache (``--wheel-dir``, default ``$ZEROC_ICE_WHEEL_DIR`` or
-``.cache/wheels`` in the repository); if it is not there, fetches the source
-release from PyPI with ``pip download``, patches it, checks that the C/C++
-headers it links against (OpenSSL, bzip2) are present (installing Debian's
-``libssl-dev libbz2-dev`` with apt-get when run as root on Debian/Ubuntu),
-builds the wheel with ``pip wheel`` and moves it into the cache atomically.
+the wheel cache (``--wheel-dir``, default ``$ZEROC_ICE_WHEEL_DIR`` or the
+user's cache folder, ``${XDG_CACHE_HOME:-~/.cache}/nuclick-bridge/wheels/
+<python tag>-<platform>``, so every clone on the machine shares one build); if
+it is not there, fetches the source release from PyPI with ``pip download``,
+patches it, checks that the C/C++ headers it links against (OpenSSL, bzip2)
+are present (installing Debian's ``libssl-dev libbz2-dev`` with apt-get when
+run as root on Debian/Ubuntu), builds the wheel with ``pip wheel`` and moves
+it into the cache atomically.
 With ``--install`` it then runs ``pip install --find-links CACHE
 --only-binary zeroc-ice -e ".[omero]"`` so that pip takes the patched wheel
 and never tries the unpatched source.
@@ -43,7 +50,35 @@ from pathlib import Path
 
 ICE_VERSION = "3.6.5"
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_WHEEL_DIR = REPO / ".cache" / "wheels"
+JOBS_ENV = "ZEROC_ICE_BUILD_JOBS"  # read by the patched setup.py
+
+# Inserted into setup.py: CCompiler.compile on a thread pool (each file is its own compiler
+# process, so threads are enough); MSVC has its own compile() and stays serial.
+PARALLEL_COMPILE = f"""
+# nuclick-bridge: compile the sources of an extension in parallel (scripts/build_zeroc_ice.py)
+import concurrent.futures as _futures
+import distutils.ccompiler as _ccompiler
+
+
+def _parallel_compile(self, sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                      extra_preargs=None, extra_postargs=None, depends=None):
+    macros, objects, extra_postargs, pp_opts, build = self._setup_compile(
+        output_dir, macros, include_dirs, sources, depends, extra_postargs)
+    cc_args = self._get_cc_args(pp_opts, debug, extra_preargs)
+
+    def one(obj):
+        if obj in build:
+            src, ext = build[obj]
+            self._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+    jobs = max(1, int(os.environ.get("{JOBS_ENV}") or os.cpu_count() or 1))
+    with _futures.ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, objects))  # list(): re-raises the first compile error
+    return objects
+
+
+_ccompiler.CCompiler.compile = _parallel_compile
+"""
 
 # (file, text to find, replacement): exact, so a different source fails loudly.
 PATCHES = [
@@ -60,6 +95,11 @@ PATCHES = [
         '    PyObjectHandle code = PyObject_GetAttrString(reinterpret_cast<PyObject*>(f), STRCAST("f_code"));\n'
         "    Py_XDECREF(f);\n",
     ),
+    (
+        "setup.py",
+        "import sys, os, shutil, fnmatch\n",
+        "import sys, os, shutil, fnmatch\n" + PARALLEL_COMPILE,
+    ),
 ]
 
 HEADER_PROBE = "#include <openssl/ssl.h>\n#include <bzlib.h>\nint main() { return 0; }\n"
@@ -68,6 +108,16 @@ DEBIAN_PACKAGES = ["libssl-dev", "libbz2-dev"]
 
 def log(msg: str) -> None:
     print(f"build_zeroc_ice: {msg}", file=sys.stderr, flush=True)
+
+
+def default_wheel_dir() -> Path:
+    """``$ZEROC_ICE_WHEEL_DIR``, else ``${XDG_CACHE_HOME:-~/.cache}/nuclick-bridge/wheels/cp311-linux_x86_64``:
+    outside the clone, so a second clone (or a CI run on the same machine) finds the wheel."""
+    if os.environ.get("ZEROC_ICE_WHEEL_DIR"):
+        return Path(os.environ["ZEROC_ICE_WHEEL_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    plat = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    return cache / "nuclick-bridge" / "wheels" / f"cp{sys.version_info.major}{sys.version_info.minor}-{plat}"
 
 
 def wheel_tag() -> str:
@@ -87,7 +137,7 @@ def apply_patches(src: Path) -> None:
     for rel, old, new in PATCHES:
         path = src / rel
         text = path.read_text(encoding="latin-1")
-        if new in text and old not in text:
+        if new in text and (old in new or old not in text):  # already applied
             continue
         if text.count(old) != 1:
             raise SystemExit(f"build_zeroc_ice: {rel} does not look like zeroc-ice {ICE_VERSION}; cannot patch it")
@@ -129,7 +179,7 @@ def pip(*args: str) -> list[str]:
     return [sys.executable, "-m", "pip", *args]
 
 
-def build(wheel_dir: Path) -> Path:
+def build(wheel_dir: Path, jobs: int) -> Path:
     wheel_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="zeroc-ice-") as tmp_name:
         tmp = Path(tmp_name)
@@ -147,9 +197,10 @@ def build(wheel_dir: Path) -> Path:
                 tar.extractall(tmp / "src")  # PyPI's release of a pinned version
         (src,) = (tmp / "src").iterdir()
         apply_patches(src)
-        log(f"compiling zeroc-ice {ICE_VERSION} for {wheel_tag()} (about 4 minutes on 2 cores)")
+        log(f"compiling zeroc-ice {ICE_VERSION} for {wheel_tag()} on {jobs} thread(s) (a few minutes)")
         out = tmp / "wheel"
-        subprocess.run(pip("wheel", "-q", "--no-deps", "-w", str(out), str(src)), check=True)
+        env = dict(os.environ, **{JOBS_ENV: str(jobs)})
+        subprocess.run(pip("wheel", "-q", "--no-deps", "-w", str(out), str(src)), check=True, env=env)
         (built,) = out.glob("zeroc_ice-*.whl")
         target = wheel_dir / built.name
         staged = wheel_dir / f".{built.name}.part"
@@ -164,8 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wheel-dir",
         type=Path,
-        default=Path(os.environ.get("ZEROC_ICE_WHEEL_DIR") or DEFAULT_WHEEL_DIR),
-        help="wheel cache (default: $ZEROC_ICE_WHEEL_DIR or .cache/wheels in the repository)",
+        default=None,
+        help="wheel cache (default: $ZEROC_ICE_WHEEL_DIR, else ${XDG_CACHE_HOME:-~/.cache}/nuclick-bridge/wheels/"
+        "<python tag>-<platform>)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="C++ files compiled at once (default: the number of CPUs)",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if the wheel is cached")
     parser.add_argument(
@@ -174,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         help='then pip install -e ".[omero]" from the repository, taking zeroc-ice from the cache',
     )
     args = parser.parse_args(argv)
-    wheel_dir = args.wheel_dir.resolve()
+    wheel_dir = (args.wheel_dir or default_wheel_dir()).expanduser().resolve()
 
     wheel = None if args.force else cached_wheel(wheel_dir)
     if wheel is not None:
         log(f"using cached {wheel}")
     else:
-        wheel = build(wheel_dir)
+        wheel = build(wheel_dir, max(1, args.jobs))
     if args.install:
         log('installing ".[omero]"')
         subprocess.run(
