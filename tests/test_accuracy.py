@@ -20,8 +20,8 @@ CONSEP_VAL = [f"test_{i}_{j:03d}" for i in (1, 2) for j in (5, 6, 9, 10)]
 # Measured with the shipped weights (effunet-lite0-3scale: three views fine-tuned as a whole) on exactly these
 # images, bf16 on the 2-core EPYC (monuseg: AJI 0.6935, PQ 0.6545; consep_tiles: AJI 0.7450, PQ 0.7032; fp32, the
 # same with ONNX Runtime and with torch: 0.6936 / 0.6548, 0.7444 / 0.7022), the lower of the two then lowered by
-# 0.005 (consep PQ keeps the higher floor set for the weights before).  The seventh session's two-view weights
-# (monuseg 0.6929 / 0.6541, consep 0.7434 / 0.7030) pass by less; the sixth session's (monuseg 0.6905 / 0.6484,
+# 0.005 (consep PQ keeps the higher floor set for the weights before).  The two-view weights 5e6bb55d480b
+# (monuseg 0.6929 / 0.6541, consep 0.7434 / 0.7030) pass by less; 1a90016a0823 (monuseg 0.6905 / 0.6484,
 # consep 0.7381 / 0.6991) fail two floors; those before them (both parts fine-tuned apart: consep 0.7292 /
 # 0.6880) and older ones by more (consep 0.7222 / 0.6792).  nuclick-w0.25 (consep AJI 0.698, PQ 0.638) and the
 # watershed baseline (full val: monuseg AJI 0.585) score far lower.

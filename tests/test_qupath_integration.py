@@ -78,7 +78,7 @@ def test_qupath_project_round_trip(monuseg_pair, tmp_path, capsys):
     assert plan["dry_run"] and plan["segmented"] == len(xy)
     assert read_back(project_dir) == (annotations_before, [])
 
-    # first run
+    # run it
     assert main(["qupath", str(project_dir), "--method", "watershed"]) == 0
     first = last_json(capsys)
     annotations, detections = read_back(project_dir)
@@ -97,7 +97,7 @@ def test_qupath_project_round_trip(monuseg_pair, tmp_path, capsys):
         assert geometry.is_valid and frame.contains(geometry)
     assert {d["properties"]["classification"]["name"] for d in detections} == set(CLASSES)
 
-    # second run: nothing duplicated
+    # run it again: nothing duplicated
     assert main(["qupath", str(project_dir), "--method", "watershed"]) == 0
     second = last_json(capsys)
     assert second["already_done"] == first["detections"] and second["detections"] == 0

@@ -200,7 +200,7 @@ def test_training_checkpoints_resumes_and_writes_loadable_weights(tiny_set, tmp_
     assert state["epoch"] == 1 and state["step"] == 2
     assert out.is_file() and out.with_suffix(".ckpt").is_file()
     first = torch.load(out.with_suffix(".ckpt"), weights_only=False)["model"]
-    # a later session asks for two epochs: the run goes on from epoch 1, not from scratch
+    # a later run of the command asks for two epochs: it goes on from epoch 1, not from scratch
     cfg.epochs = 2
     state = train(cfg, train_items, val, out, torch.device("cpu"), meta={"name": "tiny"})
     assert state["epoch"] == 2 and state["step"] == 4
@@ -218,7 +218,7 @@ def test_training_checkpoints_resumes_and_writes_loadable_weights(tiny_set, tmp_
 
 
 def test_an_interrupted_epoch_resumes_at_its_last_checkpoint(tiny_set, tmp_path, monkeypatch):
-    """A session that dies mid-epoch loses at most the steps since the last
+    """A training process that dies mid-epoch loses at most the steps since the last
     checkpoint: the next run continues that epoch, it does not restart it."""
     import bridge.train.loop as loop
 
@@ -230,7 +230,7 @@ def test_an_interrupted_epoch_resumes_at_its_last_checkpoint(tiny_set, tmp_path,
 
     def dying_loss(*a):
         calls["n"] += 1
-        if calls["n"] == 4:  # the session ends during step 4 (steps 1-3 done, checkpoint at 2)
+        if calls["n"] == 4:  # the process ends during step 4 (steps 1-3 done, checkpoint at 2)
             raise KeyboardInterrupt
         return real_loss(*a)
 

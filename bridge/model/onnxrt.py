@@ -2,10 +2,10 @@
 default, picks it there; ``--backend onnxruntime`` asks for it).
 
 Most lab computers have no bfloat16 instructions, so they run the network in
-fp32, where ONNX Runtime's kernels beat torch's: the issue that asked for a
-fast fp32 path measured 1.2x for the previous network on an AVX2-only EPYC,
-and on our AVX-512 test CPU every speed run since the fourth session has it
-ahead end to end (1.1x to 1.3x; see the model card).  In bf16 and on a GPU
+fp32, where ONNX Runtime's kernels beat torch's: a user measured 1.2x for
+an earlier network on an AVX2-only EPYC, and on our AVX-512 test CPU every
+speed measurement since weights version 9c6fc831a321 (2026-11-29) has it ahead end to
+end (1.1x to 1.4x; see docs/model-history.md).  In bf16 and on a GPU
 torch runs the network.  Same probabilities as torch to within 1e-4.
 
 The network is exported from the loaded (BatchNorm-folded) model in memory

@@ -5,7 +5,7 @@ their logits averaged where they overlap.
 Why: the magnified network (``effunet-lite0-x2``) outlines small nuclei better
 (four times the encoder cells per nucleus) but sees only half the context;
 the plain one sees the whole patch.  Each is better on a different dataset;
-their mean keeps the better of the two on each (MODEL_CARD.md).  A nucleus
+their mean keeps the better of the two on each (docs/model-history.md).  A nucleus
 more than a quarter patch from its click keeps the wide view alone.
 """
 
@@ -48,7 +48,7 @@ class ThreeScaleUNet(TwoScaleUNet):
     quarter, where the logits are the mean of all three views.
 
     Why: nuclei under 100 px are a fifth of CoNSeP's and the worst drawn
-    (MODEL_CARD.md); at zoom 4 a 10-px nucleus spans 40 px of the encoder's
+    (docs/model-history.md); at zoom 4 a 10-px nucleus spans 40 px of the encoder's
     input.  The centre quarter (32 px of a 128-px patch) holds the clicked
     nucleus itself, so the close view needs no more context than that."""
 

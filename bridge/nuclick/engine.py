@@ -102,7 +102,7 @@ class NuClickEngine(PatchSegmenter):
         # A copy with BatchNorm folded into the convolutions: same outputs, less work.
         folded = fold_batchnorm(model)
         if self.backend == "onnxruntime":
-            # threads: the session's CPU threads (0: as many as torch uses)
+            # threads: ONNX Runtime's CPU threads (0: as many as torch uses)
             self.model = OnnxNetwork(folded, info.patch_size, threads or None)
         else:
             self.model = prepare(folded, self.device)

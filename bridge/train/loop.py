@@ -1,6 +1,6 @@
 """The training loop: AdamW with a linear warm-up then cosine decay, NuClick's
 hybrid loss (optionally plus a Lovász hinge), an exponential moving average of the weights (what is validated
-and shipped), regular checkpoints that a later session resumes from, and
+and shipped), regular checkpoints that a later run of the same command resumes from, and
 validation AJI per epoch on the validation split."""
 
 from __future__ import annotations
