@@ -12,6 +12,12 @@ The small API::
         client.segment(tile, clicks, origin=(x0, y0))    # one tile -> list[NucleusResult]
         client.segment_tiled(reader, clicks)             # a whole (slide) image -> Segmentation
 
+A server may hold several models, each under a name (``serve --weights
+NAME=FILE``, ``--models-dir``): ``NuClickClient(..., model="lung")`` sends
+every tile to that one, and :meth:`NuClickClient.info` describes it (its patch
+size and pixel size plan the tiles); the default, ``model=""``, is the model a
+server of one model has.
+
 ``tile`` is an (H, W, 3) uint8 RGB array whose top-left corner is at level-0
 ``origin``, sampled at ``downsample``; clicks and the returned polygons are in
 level-0 coordinates (see :mod:`bridge.io.coords`).  Results come back as
@@ -86,6 +92,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "NuClickClient",
     "RemoteSegmenter",
+    "ServedModelInfo",
     "ServerError",
     "ServerInfo",
     "TileJob",
@@ -104,8 +111,28 @@ class ServerError(BridgeInputError):
 
 
 @dataclass(frozen=True)
+class ServedModelInfo:
+    """One model a server holds: ``name`` is what a request asks for it by
+    (``model=`` of :class:`NuClickClient`); the rest is the weights file's own
+    name, version and settings."""
+
+    name: str
+    model_name: str
+    model_version: str
+    sha256: str
+    arch: str
+    patch_size: int
+    sigma: float
+    threshold: float
+    pixel_size_um: float
+
+
+@dataclass(frozen=True)
 class ServerInfo:
-    """What ``GetModelInfo`` says: the model, where it runs, the limits."""
+    """What ``GetModelInfo`` says: the model this client uses (the one its
+    ``model`` names, else the server's default), where it runs, the limits,
+    and every model the server holds (``models``; empty from a server older
+    than named models)."""
 
     model_name: str
     model_version: str
@@ -118,6 +145,14 @@ class ServerInfo:
     device_name: str
     server_version: str
     limits: dict[str, Any]
+    served_name: str = "default"
+    models: tuple[ServedModelInfo, ...] = ()
+
+
+def _served(name: str, m: pb.Model) -> ServedModelInfo:
+    return ServedModelInfo(
+        name, m.name, m.version, m.sha256, m.arch, m.patch_size, m.sigma, m.threshold, m.pixel_size_um
+    )
 
 
 @dataclass
@@ -187,6 +222,8 @@ class NuClickClient:
     ``timeout`` is the default deadline of a call in seconds; ``retries``
     how many times a call is retried while the server is UNAVAILABLE.
     ``concurrency``: tiles in flight at once in :meth:`segment_tiled`.
+    ``model``: the name of the server's model every tile goes to ("": its
+    default).
     """
 
     def __init__(
@@ -203,6 +240,7 @@ class NuClickClient:
         max_message_bytes: int = 256 << 20,
         encoding: str = "raw",
         concurrency: int = DEFAULT_CONCURRENCY,
+        model: str = "",
     ) -> None:
         parsed = parse_target(target)
         if concurrency < 1:
@@ -210,6 +248,7 @@ class NuClickClient:
         self.target = parsed.text
         self.grpc_target = parsed.grpc
         self.concurrency = int(concurrency)
+        self.model = (model or "").strip()
         self.timeout = timeout
         self.retries = max(0, retries)
         self.backoff = backoff
@@ -291,22 +330,43 @@ class NuClickClient:
                     self.retry_count += 1
 
     def info(self, timeout: float | None = None, refresh: bool = False) -> ServerInfo:
-        """The server's model, device and limits (cached after the first call)."""
+        """The server's model (the one ``model`` names), device and limits
+        (cached after the first call).  A name the server does not hold is a
+        :class:`ServerError` naming the ones it has, before any tile is sent."""
         if self._info is None or refresh:
             r = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
             lim = r.limits
+            models = tuple(_served(m.name, m.model) for m in r.models)
+            chosen = _served(self.model or "default", r.model)
+            if self.model:
+                by_name = {m.name: m for m in models}
+                if not models:
+                    raise ServerError(
+                        "FAILED_PRECONDITION",
+                        f"NuClick server {self.target} (nuclick-bridge {r.server_version or 'unknown'}) serves one "
+                        f"model and cannot choose {self.model!r}: upgrade it, or leave out the model name",
+                    )
+                if self.model not in by_name:
+                    raise ServerError(
+                        "INVALID_ARGUMENT",
+                        f"NuClick server {self.target} has no model named {self.model!r}; "
+                        f"its models are: {', '.join(by_name)}",
+                    )
+                chosen = by_name[self.model]
             self._info = ServerInfo(
-                model_name=r.model.name,
-                model_version=r.model.version,
-                sha256=r.model.sha256,
-                patch_size=r.model.patch_size,
-                sigma=r.model.sigma,
-                threshold=r.model.threshold,
-                pixel_size_um=r.model.pixel_size_um,
+                model_name=chosen.model_name,
+                model_version=chosen.model_version,
+                sha256=chosen.sha256,
+                patch_size=chosen.patch_size,
+                sigma=chosen.sigma,
+                threshold=chosen.threshold,
+                pixel_size_um=chosen.pixel_size_um,
                 device=r.device,
                 device_name=r.device_name,
                 server_version=r.server_version,
                 limits={f.name: getattr(lim, f.name) for f in lim.DESCRIPTOR.fields},
+                served_name=chosen.name,
+                models=models,
             )
         return self._info
 
@@ -443,6 +503,7 @@ class NuClickClient:
         req = pb.SegmentRequest(
             tile=tile_to_pb(image, job.origin, job.downsample, job.pixel_size_um, encoding or self.encoding),
             request_id=job.request_id,
+            model_name=self.model,
         )
         items = [(c, False) for c in job.clicks] + [(c, True) for c in job.context]
         order = job.order if job.order is not None else range(len(items))
@@ -452,6 +513,13 @@ class NuClickClient:
         return req
 
     def _results(self, resp: pb.SegmentResponse, job: TileJob) -> list[NucleusResult]:
+        if self.model and resp.model_name != self.model:
+            # A server older than named models ignores the name and answers with its only model.
+            raise ServerError(
+                "FAILED_PRECONDITION",
+                f"NuClick server {self.target} answered with model {resp.model_name or resp.model!r}, "
+                f"not {self.model!r}: it cannot choose models; upgrade it, or leave out the model name",
+            )
         by_id = {r.click_id: r for r in resp.results}
         out = []
         for c in job.clicks:
@@ -689,7 +757,7 @@ def segment(
     closes.  ``kwargs`` go to :meth:`NuClickClient.segment` (origin,
     downsample, pixel_size_um, ...) or, for token/tls/timeout/retries, to the
     client."""
-    client_keys = {"token", "tls", "root_certificates", "retries", "backoff", "max_backoff"}
+    client_keys = {"token", "tls", "root_certificates", "retries", "backoff", "max_backoff", "model"}
     client_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in client_keys}
     with NuClickClient.from_env(server, **client_kw) as client:
         return client.segment(image, clicks, **kwargs)
@@ -706,15 +774,17 @@ class RemoteSegmenter:
     @classmethod
     def from_args(cls, args) -> RemoteSegmenter:
         """From a command's ``--server`` (one server, a list, or a gRPC target
-        URI), ``--concurrency`` and ``--tolerance``; refuses flags that only make
-        sense in-process."""
+        URI), ``--concurrency``, ``--model-name`` and ``--tolerance``; refuses
+        flags that only make sense in-process."""
         if getattr(args, "method", "nuclick") != "nuclick":
             raise BridgeInputError("--server runs NuClick on the server; --method watershed runs only locally")
         for flag in ("weights", "threshold"):
             if getattr(args, flag, None) is not None:
                 raise BridgeInputError(f"--{flag} is set on the server ('nuclick-bridge serve --{flag}'), not here")
         parse_target(args.server)  # a bad target is one line before anything connects
-        client = NuClickClient.from_env(str(args.server), concurrency=check_concurrency(args))
+        client = NuClickClient.from_env(
+            str(args.server), concurrency=check_concurrency(args), model=getattr(args, "model_name", None) or ""
+        )
         return cls(client, getattr(args, "tolerance", None))
 
     def segment(self, reader: RegionReader, clicks: Sequence[Click], progress: bool = False):

@@ -46,8 +46,14 @@ SERVER_HELP = (
 )
 
 
+MODEL_NAME_HELP = (
+    "with --server: the server's model to segment with, by the name it serves it under ('serve --weights "
+    "NAME=FILE' or a file stem in 'serve --models-dir'; GET /v1/model lists them); default: the server's default"
+)
+
+
 def add_server_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--server and --concurrency, the same for every command that can segment on a server."""
+    """--server, --concurrency and --model-name, the same for every command that can segment on a server."""
     p.add_argument("--server", default=None, metavar="TARGET", help=SERVER_HELP)
     p.add_argument(
         "--concurrency",
@@ -56,12 +62,20 @@ def add_server_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
         metavar="N",
         help="with --server: tiles in flight at once (default: 4; about 2 per replica keeps every replica busy)",
     )
+    p.add_argument("--model-name", default=None, metavar="NAME", help=MODEL_NAME_HELP)
 
 
 def check_server_options(args: argparse.Namespace) -> None:
     """One line for a bad --server or --concurrency, before any work starts."""
     if getattr(args, "concurrency", None) is not None and not getattr(args, "server", None):
         raise BridgeInputError("--concurrency applies to --server only")
+    name = getattr(args, "model_name", None)
+    if name is not None and not getattr(args, "server", None):
+        raise BridgeInputError(
+            "--model-name picks one of a server's models (with --server); here use --weights FILE for other weights"
+        )
+    if name is not None and not name.strip():
+        raise BridgeInputError("--model-name is empty; leave it out for the server's default model")
     if getattr(args, "server", None) is not None and getattr(args, "model", "accurate") != "accurate":
         raise BridgeInputError("--model applies to this process's network; start the server with serve --model fast")
     if getattr(args, "server", None) is not None:

@@ -7,8 +7,22 @@ command, and torch loads only when the server starts.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from bridge.commands.common import add_device_options
+from bridge.errors import BridgeInputError
+
+WEIGHTS_HELP = (
+    "a weights file to serve: NAME=FILE serves FILE under NAME (requests choose it with their model name, "
+    "clients with --model-name NAME); a plain FILE replaces the default model, the one a request that names "
+    "none gets (default: the weights shipped inside the package). Repeatable"
+)
+MODELS_DIR_HELP = (
+    "serve every *.pt file in DIR too, named by its file stem (lung.pt is 'lung'); on SIGHUP the server reads "
+    "DIR again without a restart: new files go live, removed ones leave, changed ones are loaded again, and "
+    "requests in flight finish with the model they started with. If a file fails to load, the models served "
+    "stay as they were (the reason is logged)"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,12 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: 50051)")
     p.add_argument("--http-port", type=int, default=8080, help="HTTP/JSON port; 0 picks a free one (default: 8080)")
     p.add_argument("--no-http", action="store_true", help="serve gRPC only")
-    p.add_argument(
-        "--weights",
-        default=None,
-        metavar="FILE",
-        help="NuClick weights file (default: the weights shipped inside the package)",
-    )
+    p.add_argument("--weights", action="append", default=None, metavar="[NAME=]FILE", help=WEIGHTS_HELP)
+    p.add_argument("--models-dir", default=None, metavar="DIR", help=MODELS_DIR_HELP)
     add_device_options(p)
     p.add_argument(
         "--max-batch", type=int, default=32, metavar="N", help="patches per network batch, across clients (default: 32)"
@@ -54,9 +64,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", default="json", choices=("json", "text"), help="log lines (default: json)")
 
 
+def parse_weights(values: list[str] | None) -> tuple[str | None, dict[str, str]]:
+    """``--weights`` values: (the default model's file or None for the shipped one,
+    {name: file} of the named ones).  ``NAME=FILE`` when the part before the
+    first "=" is a model name, else a plain FILE; ``default=FILE`` is a plain FILE."""
+    from bridge.service.models import DEFAULT_MODEL, NAME_PATTERN, check_name
+
+    default: str | None = None
+    named: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not NAME_PATTERN.fullmatch(name):
+            if "=" in value and "/" not in name and "\\" not in name:
+                check_name(name, f"--weights {value!r}:")
+            name, path = DEFAULT_MODEL, value
+        if not path:
+            raise BridgeInputError(f"--weights {value!r} names no file; use --weights NAME=FILE")
+        if name == DEFAULT_MODEL:
+            if default is not None:
+                raise BridgeInputError(
+                    f"--weights gives the default model twice ({default} and {path}); name the others with NAME=FILE"
+                )
+            default = path
+        elif name in named:
+            raise BridgeInputError(f"--weights names two models {name!r} ({named[name]} and {path})")
+        else:
+            named[name] = path
+    return default, named
+
+
 def build_server(args: argparse.Namespace):
-    """Load the engine and configure the server (not started)."""
-    from bridge.errors import BridgeInputError
+    """Load the engines and configure the server (not started); the models
+    folder is read when the server starts."""
     from bridge.nuclick.engine import NuClickEngine
     from bridge.service.auth import read_tls, read_token_file
     from bridge.service.core import Limits
@@ -81,17 +120,30 @@ def build_server(args: argparse.Namespace):
     limits.check()
     token = read_token_file(args.token_file) if args.token_file else None
     tls = read_tls(args.tls_cert, args.tls_key)
-    engine = NuClickEngine.load(
-        args.weights,
-        device=args.device,
-        batch_size=args.max_batch,
-        precision=args.precision,
-        backend=args.backend,
-        threads=args.threads,
-        model=args.model,
-    )
+    default, named = parse_weights(args.weights)
+    models_dir = Path(args.models_dir) if args.models_dir else None
+    if models_dir is not None and not models_dir.is_dir():
+        raise BridgeInputError(f"--models-dir: folder not found: {models_dir}")
+
+    def load(path: str | Path | None) -> NuClickEngine:
+        return NuClickEngine.load(
+            path,
+            device=args.device,
+            batch_size=args.max_batch,
+            precision=args.precision,
+            backend=args.backend,
+            threads=args.threads,
+            model=args.model,
+        )
+
+    engines = {"default": load(default)}
+    for name, path in named.items():
+        try:
+            engines[name] = load(path)
+        except BridgeInputError as exc:
+            raise BridgeInputError(f"--weights {name}={path}: {exc}") from None
     return NuClickServer(
-        engine,
+        engines,
         host=args.host,
         port=args.port,
         http_port=None if args.no_http else args.http_port,
@@ -100,6 +152,8 @@ def build_server(args: argparse.Namespace):
         tls=tls,
         workers=args.workers,
         threads=args.threads,
+        models_dir=models_dir,
+        load=load,
     )
 
 
@@ -131,17 +185,30 @@ def run(args: argparse.Namespace) -> int:
     configure(args.log_format)
     server = build_server(args).start()
     stop = threading.Event()
+    reload = threading.Event()
     received: list[str] = []
 
     def on_signal(signum, frame) -> None:
         received.append(signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup(signum, frame) -> None:
+        reload.set()  # the loop below reads the folder: a signal handler must not block on loading files
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(0.5):
-        pass
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hangup)
     from bridge.service.core import log_event
+
+    while not stop.wait(0.1):
+        if reload.is_set():
+            reload.clear()  # a SIGHUP during the reload reads the folder once more afterwards
+            log_event("signal", signal="SIGHUP")
+            if server.models_dir is None:
+                log_event("models reload skipped", reason="the server has no --models-dir to read again")
+            else:
+                server.reload_models()
 
     log_event("signal", signal=received[0] if received else None)
     server.stop(grace=args.grace)

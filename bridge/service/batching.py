@@ -114,6 +114,11 @@ class Batcher:
         with self._lock:
             return dict(self._stats.__dict__)
 
+    @property
+    def running(self) -> bool:
+        """Whether the inference thread is alive (False once :meth:`stop` has finished)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Finish what is queued, then stop the inference thread."""
         with self._lock:

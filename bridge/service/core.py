@@ -1,6 +1,6 @@
-"""What the server does, whatever the transport: check a request, decode its
-tile, bring it to the model's scale, segment through the shared batcher, and
-answer in level-0 coordinates.  gRPC (:mod:`bridge.service.server`) and
+"""What the server does, whatever the transport: check a request, take the
+model it names, decode its tile, bring it to the model's scale, segment
+through that model's shared batcher, and answer in level-0 coordinates.  gRPC (:mod:`bridge.service.server`) and
 HTTP/JSON (:mod:`bridge.service.http`) are thin adapters over
 :class:`SegmentService`.
 """
@@ -13,9 +13,11 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -31,6 +33,7 @@ from bridge.service.batching import Batcher, Cancelled, ShuttingDown
 from bridge.service.convert import ServiceError, decode_tile, invalid, result_to_pb, too_big
 from bridge.service.gen import nuclick_pb2 as pb
 from bridge.service.metrics import ServiceMetrics
+from bridge.service.models import DEFAULT_MODEL, ModelSet, ReloadResult, ServedModel, UnknownModel
 
 log = logging.getLogger("bridge.service")
 
@@ -100,31 +103,48 @@ class _BatchedView:
 
 
 class SegmentService:
-    """Segment requests for any number of threads, over one engine.
+    """Segment requests for any number of threads, over one or several engines.
 
     ``engine`` is a :class:`bridge.nuclick.engine.NuClickEngine` (or anything with its
-    ``segment``, ``predict``, ``info`` and ``device``): the forward pass is
-    shared through a :class:`Batcher`; everything else runs in the calling
-    thread.  ``threads`` > 0 sets torch's CPU threads for the forward pass.
+    ``segment``, ``predict``, ``info`` and ``device``), served as "default", or
+    a mapping of model name -> engine that holds "default"; ``models_dir`` and
+    ``load`` (path -> engine) add every ``*.pt`` of a folder by file stem,
+    read again by :meth:`reload_models` (see :mod:`bridge.service.models`).
+    Each model's forward pass is shared through its own :class:`Batcher`;
+    everything else runs in the calling thread.  ``threads`` > 0 sets torch's
+    CPU threads for the forward pass.
     """
 
-    def __init__(self, engine, limits: Limits | None = None, auth_required: bool = False, threads: int = 0) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        engine,
+        limits: Limits | None = None,
+        auth_required: bool = False,
+        threads: int = 0,
+        models_dir: str | Path | None = None,
+        load: Callable[[Path], Any] | None = None,
+    ) -> None:
         self.limits = limits or Limits()
         self.limits.check()
         self.auth_required = auth_required
         self.metrics = ServiceMetrics()
-        self.batcher = Batcher(
-            engine.predict,
-            self.limits.max_batch,
-            self.limits.batch_wait_ms / 1000.0,
-            on_start=(lambda: _set_torch_threads(threads)) if threads else None,
-            on_batch=self.metrics.batch_size.observe,
-        )
-        self.metrics.watch_queue(lambda: self.batcher.stats()["queued_chunks"])
-        device = getattr(engine, "device", "cpu")
-        self.metrics.set_model(engine.info.name, engine.info.version, getattr(device, "type", str(device)))
-        self.default_tolerance = float(getattr(engine, "tolerance", 0.5))
+
+        def make_batcher(model) -> Batcher:
+            return Batcher(
+                model.predict,
+                self.limits.max_batch,
+                self.limits.batch_wait_ms / 1000.0,
+                on_start=(lambda: _set_torch_threads(threads)) if threads else None,
+                on_batch=self.metrics.batch_size.observe,
+            )
+
+        engines = dict(engine) if isinstance(engine, Mapping) else {DEFAULT_MODEL: engine}
+        self.models = ModelSet(engines, make_batcher, models_dir, load)
+        self.metrics.watch_queue(lambda: self.models.batch_stats()["queued_chunks"])
+        default = self.models.default.engine
+        self.device = getattr(default, "device", "cpu")
+        self.metrics.set_model(default.info.name, default.info.version, _device_kind(self.device))
+        self.metrics.set_served(self._served_labels())
         window = self.limits.stream_window
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, self.limits.max_concurrent_streams) * window, thread_name_prefix="nuclick-stream"
@@ -135,6 +155,38 @@ class SegmentService:
         self._counts = {"requests": 0, "errors": 0, "cancelled": 0, "streams_refused": 0}
         self._closed = False
 
+    @property
+    def engine(self):
+        """The default model's engine (what a request that names no model gets)."""
+        return self.models.default.engine
+
+    def reload_models(self) -> ReloadResult:
+        """Read the models folder again (on SIGHUP): requests in flight keep their model;
+        a file that cannot be loaded leaves the served set as it was."""
+        t0 = time.perf_counter()
+        try:
+            result = self.models.reload()
+        except Exception as exc:  # a bug while swapping: the old set stays, the server goes on
+            log.exception("models reload failed")
+            result = ReloadResult(error=f"internal error: {type(exc).__name__}: {exc}")
+        self.metrics.reloads.labels(result="ok" if result.ok else "failed").inc()
+        if result.ok:
+            self.metrics.set_served(self._served_labels())
+            log_event(
+                "models reloaded",
+                models=self.models.names(),
+                added=result.added,
+                removed=result.removed,
+                reloaded=result.reloaded,
+                ms=round(1000 * (time.perf_counter() - t0), 1),
+            )
+        else:
+            log_event("models reload failed", logging.ERROR, reason=result.error, models=self.models.names())
+        return result
+
+    def _served_labels(self) -> list[tuple[str, str, str]]:
+        return [(name, e.engine.info.name, e.engine.info.version) for name, e in self.models.current().items()]
+
     # --------------------------------------------------------------- info
 
     def model_info(self) -> pb.GetModelInfoResponse:
@@ -144,27 +196,17 @@ class SegmentService:
         return out
 
     def _model_info(self) -> pb.GetModelInfoResponse:
-        info = self.engine.info
-        device = getattr(self.engine, "device", "cpu")
-        kind = getattr(device, "type", str(device))
+        served = self.models.current()
+        kind = _device_kind(self.device)
         name = ""
         if kind == "cuda":
             import torch
 
-            name = torch.cuda.get_device_name(device)
+            name = torch.cuda.get_device_name(self.device)
         lim = self.limits
         return pb.GetModelInfoResponse(
-            model=pb.Model(
-                name=info.name,
-                version=info.version,
-                sha256=info.sha256,
-                width=info.width,
-                patch_size=info.patch_size,
-                sigma=info.sigma,
-                threshold=float(getattr(self.engine, "threshold", info.threshold)),
-                pixel_size_um=info.pixel_size_um,
-                arch=info.arch,
-            ),
+            model=_model_pb(served[DEFAULT_MODEL]),
+            models=[pb.ServedModel(name=n, model=_model_pb(e)) for n, e in served.items()],
             device=kind,
             device_name=name,
             limits=pb.Limits(
@@ -183,12 +225,12 @@ class SegmentService:
     def stats(self) -> dict:
         with self._lock:
             out = dict(self._counts, active_calls=self._active_calls, active_streams=self._active_streams)
-        out.update({f"batch_{k}": v for k, v in self.batcher.stats().items()})
+        out.update({f"batch_{k}": v for k, v in self.models.batch_stats().items()})
         return out
 
     # ------------------------------------------------------------ checks
 
-    def _prepare(self, req: pb.SegmentRequest) -> _Prepared:
+    def _prepare(self, req: pb.SegmentRequest, engine) -> _Prepared:
         lim = self.limits
         n = len(req.clicks)
         if n > lim.max_clicks_per_request:
@@ -213,7 +255,7 @@ class SegmentService:
         px = tile.pixel_size_um
         if not (math.isfinite(px) and 0 <= px <= MAX_PIXEL_SIZE_UM):
             raise invalid(f"tile pixel_size_um must be between 0 (unknown) and {MAX_PIXEL_SIZE_UM:g}, not {px}")
-        tol = self.default_tolerance
+        tol = float(getattr(engine, "tolerance", 0.5))
         if req.HasField("simplify_tolerance"):
             tol = req.simplify_tolerance
             if not (math.isfinite(tol) and 0 <= tol <= MAX_TOLERANCE_PX):
@@ -239,7 +281,7 @@ class SegmentService:
 
         # Bring the tile to the model's pixel size when both are known and differ.
         factor = 1.0
-        model_px = float(self.engine.info.pixel_size_um or 0.0)
+        model_px = float(engine.info.pixel_size_um or 0.0)
         if px > 0 and model_px > 0:
             tile_px = px * d
             if abs(tile_px - model_px) > PIXEL_SIZE_TOLERANCE * model_px:
@@ -295,9 +337,14 @@ class SegmentService:
             self._counts["requests"] += 1
         status = "OK"
         found = 0
+        served: ServedModel | None = None
         try:
-            prep = self._prepare(req)
-            view = _BatchedView.make(self.engine, self.batcher, cancel, prep.tolerance)
+            try:
+                served = self.models.acquire(req.model_name)
+            except UnknownModel as exc:
+                raise invalid(str(exc)) from None
+            prep = self._prepare(req, served.engine)
+            view = _BatchedView.make(served.engine, served.batcher, cancel, prep.tolerance)
             try:
                 seg = _segment(view, prep)
             except BridgeInputError as exc:
@@ -306,7 +353,8 @@ class SegmentService:
             out = pb.SegmentResponse(
                 request_id=req.request_id,
                 resample_factor=prep.factor,
-                model=f"{self.engine.info.name} {self.engine.info.version}",
+                model=served.label,
+                model_name=served.name,
             )
             for k in prep.answer:
                 r = seg.results[k]
@@ -332,6 +380,9 @@ class SegmentService:
             log.exception("segment failed")
             raise ServiceError("INTERNAL", "internal error while segmenting; see the server log") from None
         finally:
+            if served is not None:
+                self.models.release(served)
+                self.metrics.model_requests.labels(name=served.name, code=status).inc()
             with self._lock:
                 self._active_calls -= 1
                 if status not in ("OK", "CANCELLED"):
@@ -342,6 +393,7 @@ class SegmentService:
             log_event(
                 "segment",
                 request_id=req.request_id,
+                model_name=req.model_name or None,
                 tile=f"{req.tile.width}x{req.tile.height}",
                 clicks=len(req.clicks),
                 found=found,
@@ -466,8 +518,28 @@ class SegmentService:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-        self.batcher.stop()
+        self.models.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _device_kind(device) -> str:
+    return getattr(device, "type", str(device))
+
+
+def _model_pb(served: ServedModel) -> pb.Model:
+    engine = served.engine
+    info = engine.info
+    return pb.Model(
+        name=info.name,
+        version=info.version,
+        sha256=info.sha256,
+        width=info.width,
+        patch_size=info.patch_size,
+        sigma=info.sigma,
+        threshold=float(getattr(engine, "threshold", info.threshold)),
+        pixel_size_um=info.pixel_size_um,
+        arch=info.arch,
+    )
 
 
 def _set_torch_threads(n: int) -> None:

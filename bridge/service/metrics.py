@@ -13,7 +13,15 @@ embedders) count apart.  Names:
 - ``nuclick_batch_size``: patches per network batch (histogram).
 - ``nuclick_queue_depth``: chunks of patches waiting for the network.
 - ``nuclick_requests_in_flight``: segment calls being answered now.
-- ``nuclick_model_info{model,version,device}``: 1, for joining the rest on.
+- ``nuclick_model_info{model,version,device}``: 1, for joining the rest on
+  (the default model: what a request that names none gets).
+- ``nuclick_served_model_info{name,model,version}``: 1 per model served now,
+  by the name requests ask for it by (``SegmentRequest.model_name``).
+- ``nuclick_model_requests_total{name,code}``: segment calls (unary and per
+  stream tile) by the served model they named and gRPC status; calls naming
+  no model count under ``default``, calls naming an unknown one not at all.
+- ``nuclick_model_reloads_total{result}``: re-reads of ``--models-dir``
+  (``ok`` or ``failed``; a failed one changed nothing).
 """
 
 from __future__ import annotations
@@ -54,9 +62,30 @@ class ServiceMetrics:
         self.model = Gauge(
             "nuclick_model_info", "The model served (always 1)", ["model", "version", "device"], registry=r
         )
+        self.served = Gauge(
+            "nuclick_served_model_info",
+            "Each model served now, by the name requests give (always 1)",
+            ["name", "model", "version"],
+            registry=r,
+        )
+        self.model_requests = Counter(
+            "nuclick_model_requests",
+            "Segment calls by the served model they named and gRPC status",
+            ["name", "code"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "nuclick_model_reloads", "Re-reads of the models folder, by result", ["result"], registry=r
+        )
 
     def set_model(self, name: str, version: str, device: str) -> None:
         self.model.labels(model=name, version=version, device=device).set(1)
+
+    def set_served(self, models: list[tuple[str, str, str]]) -> None:
+        """(served name, model name, version) of every model served now; the ones that left are removed."""
+        self.served.clear()
+        for name, model, version in models:
+            self.served.labels(name=name, model=model, version=version).set(1)
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         """Read the queue depth when scraped, not on every change."""

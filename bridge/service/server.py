@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +29,7 @@ from bridge.service.core import Limits, SegmentService, log_event
 from bridge.service.gen import nuclick_pb2 as pb
 from bridge.service.gen import nuclick_pb2_grpc as pb_grpc
 from bridge.service.http import HttpGateway
+from bridge.service.models import DEFAULT_MODEL, ReloadResult
 
 log = logging.getLogger("bridge.service")
 
@@ -86,7 +90,10 @@ class NuClickServer:
 
     Port 0 picks a free port (see :attr:`grpc_port`, :attr:`http_port`).
     ``tls`` is (certificate chain PEM, private key PEM) for both; ``token``
-    enables bearer-token auth on both.
+    enables bearer-token auth on both.  ``engine`` is one engine (served as
+    "default") or a mapping of model name -> engine holding "default";
+    ``models_dir`` and ``load`` add a folder of weights files, read again by
+    :meth:`reload_models` (see :class:`~bridge.service.core.SegmentService`).
     """
 
     def __init__(
@@ -100,6 +107,8 @@ class NuClickServer:
         tls: tuple[bytes, bytes] | None = None,
         workers: int = 32,
         threads: int = 0,
+        models_dir: str | Path | None = None,
+        load: Callable[[Path], Any] | None = None,
     ) -> None:
         limits = limits or Limits()
         if workers <= limits.max_concurrent_streams:
@@ -107,7 +116,12 @@ class NuClickServer:
                 f"--workers ({workers}) must exceed --max-streams ({limits.max_concurrent_streams}): "
                 "each open stream holds a worker"
             )
-        self.engine = engine
+        self.engines = dict(engine) if isinstance(engine, Mapping) else {DEFAULT_MODEL: engine}
+        if DEFAULT_MODEL not in self.engines:
+            raise BridgeInputError(f"the server needs a model named {DEFAULT_MODEL!r}")
+        self.engine = self.engines[DEFAULT_MODEL]
+        self.models_dir = models_dir
+        self._load = load
         self.host = host
         self._port = port
         self._http_port = http_port
@@ -126,7 +140,12 @@ class NuClickServer:
 
     def start(self) -> NuClickServer:
         self.service = SegmentService(
-            self.engine, self.limits, auth_required=self.tokens.required, threads=self.threads
+            self.engines,
+            self.limits,
+            auth_required=self.tokens.required,
+            threads=self.threads,
+            models_dir=self.models_dir,
+            load=self._load,
         )
         size = self.limits.max_message_bytes
         options = [
@@ -193,6 +212,7 @@ class NuClickServer:
             auth=self.tokens.required,
             model=info.name,
             version=info.version,
+            models=self.service.models.names(),
             device=str(getattr(self.engine, "device", "cpu")),
             max_batch=self.limits.max_batch,
         )
@@ -201,6 +221,11 @@ class NuClickServer:
     def stats(self) -> dict:
         assert self.service is not None
         return self.service.stats()
+
+    def reload_models(self) -> ReloadResult:
+        """Read ``models_dir`` again (what SIGHUP does): see :meth:`SegmentService.reload_models`."""
+        assert self.service is not None
+        return self.service.reload_models()
 
     def stop(self, grace: float = 10.0) -> None:
         """Graceful: health turns NOT_SERVING, new calls are refused, calls in

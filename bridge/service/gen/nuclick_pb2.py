@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nuclick/v1/nuclick.proto\x12\nnuclick.v1\"\xf6\x01\n\x04Tile\x12+\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x19.nuclick.v1.Tile.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x10\n\x08origin_x\x18\x05 \x01(\x01\x12\x10\n\x08origin_y\x18\x06 \x01(\x01\x12\x12\n\ndownsample\x18\x07 \x01(\x01\x12\x15\n\rpixel_size_um\x18\x08 \x01(\x01\"E\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08RAW_RGB8\x10\x01\x12\x07\n\x03PNG\x10\x02\x12\x08\n\x04JPEG\x10\x03\"S\n\x05\x43lick\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\n\n\x02id\x18\x03 \x01(\t\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontext_only\x18\x05 \x01(\x08\"\x9f\x01\n\x0eSegmentRequest\x12\x1e\n\x04tile\x18\x01 \x01(\x0b\x32\x10.nuclick.v1.Tile\x12!\n\x06\x63licks\x18\x02 \x03(\x0b\x32\x11.nuclick.v1.Click\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1f\n\x12simplify_tolerance\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_simplify_tolerance\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\")\n\x04Ring\x12!\n\x06points\x18\x01 \x03(\x0b\x32\x11.nuclick.v1.Point\"N\n\x07Polygon\x12\"\n\x08\x65xterior\x18\x01 \x01(\x0b\x32\x10.nuclick.v1.Ring\x12\x1f\n\x05holes\x18\x02 \x03(\x0b\x32\x10.nuclick.v1.Ring\"\x9a\x01\n\rNucleusResult\x12\x10\n\x08\x63lick_id\x18\x01 \x01(\t\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12$\n\x07polygon\x18\x04 \x01(\x0b\x32\x13.nuclick.v1.Polygon\x12\x0f\n\x07\x61rea_px\x18\x05 \x01(\x01\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x0e\n\x06reason\x18\x07 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9b\x01\n\x0fSegmentResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.nuclick.v1.NucleusResult\x12\x17\n\x0fresample_factor\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12 \n\x05\x65rror\x18\x05 \x01(\x0b\x32\x11.nuclick.v1.Error\"\x15\n\x13GetModelInfoRequest\"\xa0\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x01\x12\x12\n\npatch_size\x18\x05 \x01(\r\x12\r\n\x05sigma\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12\x15\n\rpixel_size_um\x18\x08 \x01(\x01\x12\x0c\n\x04\x61rch\x18\t \x01(\t\"\xd2\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\r\x12\x15\n\rmax_tile_side\x18\x02 \x01(\r\x12\x1e\n\x16max_clicks_per_request\x18\x03 \x01(\r\x12\x1e\n\x16max_concurrent_streams\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x15\n\rbatch_wait_ms\x18\x06 \x01(\x01\x12\x15\n\rstream_window\x18\x07 \x01(\r\x12\x15\n\rauth_required\x18\x08 \x01(\x08\"\x99\x01\n\x14GetModelInfoResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.nuclick.v1.Model\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\x12\"\n\x06limits\x18\x04 \x01(\x0b\x32\x12.nuclick.v1.Limits\x12\x16\n\x0eserver_version\x18\x05 \x01(\t2\xee\x01\n\x07NuClick\x12\x42\n\x07Segment\x12\x1a.nuclick.v1.SegmentRequest\x1a\x1b.nuclick.v1.SegmentResponse\x12L\n\rSegmentStream\x12\x1a.nuclick.v1.SegmentRequest\x1a\x1b.nuclick.v1.SegmentResponse(\x01\x30\x01\x12Q\n\x0cGetModelInfo\x12\x1f.nuclick.v1.GetModelInfoRequest\x1a .nuclick.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nuclick/v1/nuclick.proto\x12\nnuclick.v1\"\xf6\x01\n\x04Tile\x12+\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x19.nuclick.v1.Tile.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x10\n\x08origin_x\x18\x05 \x01(\x01\x12\x10\n\x08origin_y\x18\x06 \x01(\x01\x12\x12\n\ndownsample\x18\x07 \x01(\x01\x12\x15\n\rpixel_size_um\x18\x08 \x01(\x01\"E\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08RAW_RGB8\x10\x01\x12\x07\n\x03PNG\x10\x02\x12\x08\n\x04JPEG\x10\x03\"S\n\x05\x43lick\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\x12\n\n\x02id\x18\x03 \x01(\t\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontext_only\x18\x05 \x01(\x08\"\xb3\x01\n\x0eSegmentRequest\x12\x1e\n\x04tile\x18\x01 \x01(\x0b\x32\x10.nuclick.v1.Tile\x12!\n\x06\x63licks\x18\x02 \x03(\x0b\x32\x11.nuclick.v1.Click\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1f\n\x12simplify_tolerance\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nmodel_name\x18\x05 \x01(\tB\x15\n\x13_simplify_tolerance\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x01\x12\t\n\x01y\x18\x02 \x01(\x01\")\n\x04Ring\x12!\n\x06points\x18\x01 \x03(\x0b\x32\x11.nuclick.v1.Point\"N\n\x07Polygon\x12\"\n\x08\x65xterior\x18\x01 \x01(\x0b\x32\x10.nuclick.v1.Ring\x12\x1f\n\x05holes\x18\x02 \x03(\x0b\x32\x10.nuclick.v1.Ring\"\x9a\x01\n\rNucleusResult\x12\x10\n\x08\x63lick_id\x18\x01 \x01(\t\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12$\n\x07polygon\x18\x04 \x01(\x0b\x32\x13.nuclick.v1.Polygon\x12\x0f\n\x07\x61rea_px\x18\x05 \x01(\x01\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x0e\n\x06reason\x18\x07 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xaf\x01\n\x0fSegmentResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.nuclick.v1.NucleusResult\x12\x17\n\x0fresample_factor\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12 \n\x05\x65rror\x18\x05 \x01(\x0b\x32\x11.nuclick.v1.Error\x12\x12\n\nmodel_name\x18\x06 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xa0\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x01\x12\x12\n\npatch_size\x18\x05 \x01(\r\x12\r\n\x05sigma\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12\x15\n\rpixel_size_um\x18\x08 \x01(\x01\x12\x0c\n\x04\x61rch\x18\t \x01(\t\"\xd2\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\r\x12\x15\n\rmax_tile_side\x18\x02 \x01(\r\x12\x1e\n\x16max_clicks_per_request\x18\x03 \x01(\r\x12\x1e\n\x16max_concurrent_streams\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x15\n\rbatch_wait_ms\x18\x06 \x01(\x01\x12\x15\n\rstream_window\x18\x07 \x01(\r\x12\x15\n\rauth_required\x18\x08 \x01(\x08\"=\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05model\x18\x02 \x01(\x0b\x32\x11.nuclick.v1.Model\"\xc2\x01\n\x14GetModelInfoResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.nuclick.v1.Model\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\x12\"\n\x06limits\x18\x04 \x01(\x0b\x32\x12.nuclick.v1.Limits\x12\x16\n\x0eserver_version\x18\x05 \x01(\t\x12\'\n\x06models\x18\x06 \x03(\x0b\x32\x17.nuclick.v1.ServedModel2\xee\x01\n\x07NuClick\x12\x42\n\x07Segment\x12\x1a.nuclick.v1.SegmentRequest\x1a\x1b.nuclick.v1.SegmentResponse\x12L\n\rSegmentStream\x12\x1a.nuclick.v1.SegmentRequest\x1a\x1b.nuclick.v1.SegmentResponse(\x01\x30\x01\x12Q\n\x0cGetModelInfo\x12\x1f.nuclick.v1.GetModelInfoRequest\x1a .nuclick.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLICK']._serialized_start=289
   _globals['_CLICK']._serialized_end=372
   _globals['_SEGMENTREQUEST']._serialized_start=375
-  _globals['_SEGMENTREQUEST']._serialized_end=534
-  _globals['_POINT']._serialized_start=536
-  _globals['_POINT']._serialized_end=565
-  _globals['_RING']._serialized_start=567
-  _globals['_RING']._serialized_end=608
-  _globals['_POLYGON']._serialized_start=610
-  _globals['_POLYGON']._serialized_end=688
-  _globals['_NUCLEUSRESULT']._serialized_start=691
-  _globals['_NUCLEUSRESULT']._serialized_end=845
-  _globals['_ERROR']._serialized_start=847
-  _globals['_ERROR']._serialized_end=885
-  _globals['_SEGMENTRESPONSE']._serialized_start=888
-  _globals['_SEGMENTRESPONSE']._serialized_end=1043
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1045
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1066
-  _globals['_MODEL']._serialized_start=1069
-  _globals['_MODEL']._serialized_end=1229
-  _globals['_LIMITS']._serialized_start=1232
-  _globals['_LIMITS']._serialized_end=1442
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1445
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1598
-  _globals['_NUCLICK']._serialized_start=1601
-  _globals['_NUCLICK']._serialized_end=1839
+  _globals['_SEGMENTREQUEST']._serialized_end=554
+  _globals['_POINT']._serialized_start=556
+  _globals['_POINT']._serialized_end=585
+  _globals['_RING']._serialized_start=587
+  _globals['_RING']._serialized_end=628
+  _globals['_POLYGON']._serialized_start=630
+  _globals['_POLYGON']._serialized_end=708
+  _globals['_NUCLEUSRESULT']._serialized_start=711
+  _globals['_NUCLEUSRESULT']._serialized_end=865
+  _globals['_ERROR']._serialized_start=867
+  _globals['_ERROR']._serialized_end=905
+  _globals['_SEGMENTRESPONSE']._serialized_start=908
+  _globals['_SEGMENTRESPONSE']._serialized_end=1083
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1085
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1106
+  _globals['_MODEL']._serialized_start=1109
+  _globals['_MODEL']._serialized_end=1269
+  _globals['_LIMITS']._serialized_start=1272
+  _globals['_LIMITS']._serialized_end=1482
+  _globals['_SERVEDMODEL']._serialized_start=1484
+  _globals['_SERVEDMODEL']._serialized_end=1545
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1548
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1742
+  _globals['_NUCLICK']._serialized_start=1745
+  _globals['_NUCLICK']._serialized_end=1983
 # @@protoc_insertion_point(module_scope)

@@ -52,16 +52,18 @@ class Click(_message.Message):
     def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., id: _Optional[str] = ..., class_name: _Optional[str] = ..., context_only: _Optional[bool] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("tile", "clicks", "request_id", "simplify_tolerance")
+    __slots__ = ("tile", "clicks", "request_id", "simplify_tolerance", "model_name")
     TILE_FIELD_NUMBER: _ClassVar[int]
     CLICKS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SIMPLIFY_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     tile: Tile
     clicks: _containers.RepeatedCompositeFieldContainer[Click]
     request_id: str
     simplify_tolerance: float
-    def __init__(self, tile: _Optional[_Union[Tile, _Mapping]] = ..., clicks: _Optional[_Iterable[_Union[Click, _Mapping]]] = ..., request_id: _Optional[str] = ..., simplify_tolerance: _Optional[float] = ...) -> None: ...
+    model_name: str
+    def __init__(self, tile: _Optional[_Union[Tile, _Mapping]] = ..., clicks: _Optional[_Iterable[_Union[Click, _Mapping]]] = ..., request_id: _Optional[str] = ..., simplify_tolerance: _Optional[float] = ..., model_name: _Optional[str] = ...) -> None: ...
 
 class Point(_message.Message):
     __slots__ = ("x", "y")
@@ -112,18 +114,20 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
-    __slots__ = ("request_id", "results", "resample_factor", "model", "error")
+    __slots__ = ("request_id", "results", "resample_factor", "model", "error", "model_name")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     RESAMPLE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     results: _containers.RepeatedCompositeFieldContainer[NucleusResult]
     resample_factor: float
     model: str
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[NucleusResult, _Mapping]]] = ..., resample_factor: _Optional[float] = ..., model: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    model_name: str
+    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[NucleusResult, _Mapping]]] = ..., resample_factor: _Optional[float] = ..., model: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_name: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -171,16 +175,26 @@ class Limits(_message.Message):
     auth_required: bool
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_tile_side: _Optional[int] = ..., max_clicks_per_request: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_batch: _Optional[int] = ..., batch_wait_ms: _Optional[float] = ..., stream_window: _Optional[int] = ..., auth_required: _Optional[bool] = ...) -> None: ...
 
+class ServedModel(_message.Message):
+    __slots__ = ("name", "model")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: Model
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "device", "device_name", "limits", "server_version")
+    __slots__ = ("model", "device", "device_name", "limits", "server_version", "models")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     model: Model
     device: str
     device_name: str
     limits: Limits
     server_version: str
-    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ...) -> None: ...

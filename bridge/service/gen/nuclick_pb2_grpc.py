@@ -72,7 +72,7 @@ class NuClickServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """The model, the device it runs on and the server's limits.
+        """The models, the device they run on and the server's limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
