@@ -61,9 +61,11 @@ def overlay_figure(
     h, w = truth.shape
     zoom = 2 if max(h, w) < 600 else 1
     dpi = 100
-    fig = Figure(figsize=(w * zoom / dpi, h * zoom / dpi + 0.45), dpi=dpi)
+    header = 40  # px: a line of title, a line of legend
+    total = h * zoom + header
+    fig = Figure(figsize=(w * zoom / dpi, total / dpi), dpi=dpi)
     Canvas(fig)
-    ax = fig.add_axes((0, 0, 1, h * zoom / (h * zoom + 45)))
+    ax = fig.add_axes((0, 0, 1, h * zoom / total))
     ax.imshow(outline_rgb(image, truth, pred), interpolation="nearest")
     if clicks:
         xs, ys = [c.x - 0.5 for c in clicks], [c.y - 0.5 for c in clicks]  # pixel centres are integers here
@@ -78,8 +80,10 @@ def overlay_figure(
         Line2D([], [], color=np.array(PRED_RGB) / 255, lw=2, label="prediction"),
         Line2D([], [], color=CLICK_COLOUR, marker="+", ls="", markersize=8, label="click"),
     ]
-    fig.legend(handles=handles, loc="upper right", ncol=3, fontsize=8, frameon=False, borderaxespad=0.2)
-    fig.text(0.01, 0.995, title, ha="left", va="top", fontsize=8)
+    fig.text(4 / (w * zoom), 1 - 3 / total, title, ha="left", va="top", fontsize=8)
+    fig.legend(
+        handles=handles, loc="lower left", bbox_to_anchor=(0, h * zoom / total), ncol=3, fontsize=8, frameon=False
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, facecolor="white")
     return path
