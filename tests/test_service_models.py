@@ -76,7 +76,7 @@ def tile(crop_pair) -> tuple[np.ndarray, list[Click]]:
     """A real 160x128 tile and one click per labelled nucleus, in level 0."""
     img, lab = crop_pair
     xy, _ = simulate_clicks(lab[:128, :160], jitter=0, seed=0)
-    clicks = [Click(ORIGIN[0] + x, ORIGIN[1] + y, f"n{k}") for k, (x, y) in enumerate(xy)]
+    clicks = [Click(ORIGIN[0] + float(x), ORIGIN[1] + float(y), f"n{k}") for k, (x, y) in enumerate(xy)]
     assert len(clicks) >= 10
     return np.ascontiguousarray(img[:128, :160]), clicks
 
@@ -519,3 +519,71 @@ def test_sighup_with_a_bad_file_keeps_the_models_and_a_removed_file_leaves(weigh
             assert info.value.details() == "this server has no model named 'b'; its models are: default, a"
         srv.signal(signal.SIGTERM)
         assert srv.wait(60) == 0
+
+
+# ------------------------------------------------------------ the commands' --model-name
+
+
+def _features(path: Path) -> dict[str, dict]:
+    return {json.dumps(f["geometry"]): f["properties"] for f in json.loads(path.read_text())["features"]}
+
+
+def test_segment_and_qupath_commands_use_the_model_they_name(two_models, weights, tile, tmp_path, cli):
+    import tifffile
+
+    from bridge.commands.qupath import run_on
+    from support.qupath_memory import MemoryEntry, MemoryProject
+
+    img, clicks = tile
+    local = [(c.x - ORIGIN[0], c.y - ORIGIN[1]) for c in clicks]
+    tif = tmp_path / "tile.tif"
+    tifffile.imwrite(tif, img, photometric="rgb")
+    points = tmp_path / "points.csv"
+    points.write_text("x,y\n" + "".join(f"{x!r},{y!r}\n" for x, y in local))
+    server = ("--server", f"127.0.0.1:{two_models.grpc_port}")
+    here = ("--device", "cpu", "--precision", "fp32", "--backend", "torch", "--batch-size", "1")
+    answers = {}
+    for name in ("b", "a"):
+        remote, local_out = tmp_path / f"{name}-server.geojson", tmp_path / f"{name}-here.geojson"
+        assert cli("segment", tif, "--points", points, "--out", remote, *server, "--model-name", name).returncode == 0
+        file = {"b": weights["b"], "a": weights["a1"]}[name]
+        assert cli("segment", tif, "--points", points, "--out", local_out, "--weights", file, *here).returncode == 0
+        answers[name] = _features(remote)
+        assert answers[name].keys() == _features(local_out).keys() and len(answers[name]) >= 5
+    assert answers["a"].keys() != answers["b"].keys()
+
+    # qupath on an in-memory project, through the same server and model
+    annotations = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "MultiPoint", "coordinates": [list(p) for p in local]},
+            "properties": {"objectType": "annotation"},
+        }
+    ]
+    entry = MemoryEntry("tile.tif", tif.as_uri(), annotations)
+    args = build_parser().parse_args(["qupath", str(tmp_path), *server, "--model-name", "b"])
+    assert run_on(MemoryProject(tmp_path, [entry]), args) == 0
+    assert {json.dumps(d["geometry"]) for d in entry.detections} == answers["b"].keys()
+
+
+def test_model_name_needs_a_server_and_an_unknown_one_is_one_line(two_models, tile, tmp_path, cli):
+    from PIL import Image
+
+    img, clicks = tile
+    png = tmp_path / "tile.png"
+    Image.fromarray(img).save(png)
+    points = tmp_path / "points.csv"
+    points.write_text("x,y\n" + "".join(f"{c.x - ORIGIN[0]!r},{c.y - ORIGIN[1]!r}\n" for c in clicks))
+    out = tmp_path / "out.geojson"
+    done = cli("segment", png, "--points", points, "--out", out, "--model-name", "b")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "nuclick-bridge segment: error: --model-name picks one of a server's models (with --server); "
+        "here use --weights FILE for other weights"
+    ]
+    target = f"127.0.0.1:{two_models.grpc_port}"
+    done = cli("segment", png, "--points", points, "--out", out, "--server", target, "--model-name", "lung")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"nuclick-bridge segment: error: NuClick server {target} has no model named 'lung'; "
+        "its models are: default, a, b"
+    ]
+    assert not out.exists()
