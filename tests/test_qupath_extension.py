@@ -4,6 +4,10 @@ tiles of a MoNuSeg image over HTTP/JSON to a real ``nuclick-bridge`` server on
 the polygons it gets back against the in-process engine's whole-image answer,
 tile plan for tile plan.
 
+A second test runs ``ModelsEndToEndTest`` against a real ``nuclick-bridge serve``
+process that holds two models: the extension lists them and segments with the one
+its "Model" setting names.
+
 The Java side is compiled with the machine's javac (``--release 17``) against
 Debian's gson and JUnit 5 jars by ``qupath_extension/javatest.sh`` (build cached
 under the git-ignored ``qupath_extension/build/``), and run with JUnit's console
@@ -23,15 +27,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from shapely import affinity
 
 from bridge.client import plan_tiles
 from bridge.evaluation.clicks import simulate_clicks
 from bridge.io.imageio import ArrayReader
+from bridge.model.network import NuClickNet
+from bridge.model.weights import load_model, save_weights
+from bridge.nuclick.engine import NuClickEngine
 from bridge.results import Click, NucleusResult
 from bridge.service.server import NuClickServer
 from support.models import TextureModel, engine_for
+from support.serve import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 JAVATEST = ROOT / "qupath_extension" / "javatest.sh"
@@ -155,3 +164,48 @@ def test_java_core_segments_real_tiles_on_a_real_server(java_build, server, case
     counts = {k: int(v) for v, k in tally}
     assert counts.get("skipped") == 0 and counts.get("aborted") == 0, report  # the server was really used
     assert counts.get("failed") == 0 and counts.get("successful") == counts.get("found") >= 7, report
+
+
+def _run_junit(test_class: str, env: dict[str, str], at_least: int) -> None:
+    cmd = ["bash", str(JAVATEST), "test", "--select-class", test_class, "--details=tree", "--disable-ansi-colors"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, **env))
+    report = out.stdout + out.stderr
+    assert out.returncode == 0, report
+    tally = re.findall(r"\[\s*(\d+) tests (found|skipped|successful|failed|aborted)\s*\]", report)
+    counts = {k: int(v) for v, k in tally}
+    assert counts.get("skipped") == 0 and counts.get("aborted") == 0, report  # the server was really used
+    assert counts.get("failed") == 0 and counts.get("successful") == counts.get("found") >= at_least, report
+
+
+def test_java_core_lists_the_servers_models_and_segments_with_the_one_named(java_build, tmp_path, monuseg_pair):
+    """A real ``serve`` process with two weights files ("default" and "other", small real networks of
+    different seeds, one patch per forward pass so that answers are exact); Python's in-process answer of
+    each file on the whole crop is what Java must get back when its "Model" setting names it."""
+    engine_kw = {"device": "cpu", "precision": "fp32", "backend": "torch", "batch_size": 1}
+    files = {}
+    for name, seed, meta in [("default", 0, ("tiny-d", "d1")), ("other", 4, ("tiny-o", "o1"))]:
+        torch.manual_seed(seed)
+        files[name] = tmp_path / f"{name}.pt"
+        save_weights(files[name], NuClickNet(0.125), {"name": meta[0], "version": meta[1], "patch_size": 64})
+    img, lab = monuseg_pair
+    img, lab = np.ascontiguousarray(img[:200, :200]), lab[:200, :200]
+    xy, _ = simulate_clicks(lab, jitter=2, seed=3)
+    clicks = [Click(float(x), float(y), str(k)) for k, (x, y) in enumerate(xy)]
+    expected = {
+        name: [_expected(r) for r in NuClickEngine.load(path, **engine_kw).segment(ArrayReader(img), clicks).results]
+        for name, path in files.items()
+    }
+    models = []
+    for name, path in files.items():
+        info = load_model(path)[1]
+        models.append(
+            {"name": name, "modelName": info.name, "version": info.version, "sha256": info.sha256, "patchSize": 64}
+        )
+    png = tmp_path / "crop.png"
+    Image.fromarray(img).save(png)
+    case = tmp_path / "models_case.json"
+    case.write_text(json.dumps({"models": models, "clicks": [[c.x, c.y] for c in clicks], "expected": expected}))
+    flags = ("--weights", f"other={files['other']}", "--precision", "fp32", "--backend", "torch", "--max-batch", "1")
+    with ServeProcess(files["default"], *flags) as srv:
+        env = {"NUCLICK_MODELS_URL": f"http://{srv.http}", "NUCLICK_MODELS_IMAGE": str(png)}
+        _run_junit("qupath.ext.nuclick.core.ModelsEndToEndTest", {**env, "NUCLICK_MODELS_CASE": str(case)}, 4)

@@ -6,7 +6,10 @@ import qupath.ext.nuclick.core.NuClickException;
 import qupath.ext.nuclick.core.NuClickHttpClient;
 import qupath.fx.dialogs.Dialogs;
 
-/** Extensions &gt; NuClick &gt; Check server: {@code GET /v1/model}, off the UI thread. */
+/**
+ * Extensions &gt; NuClick &gt; Check server: {@code GET /v1/model}, off the UI thread: the model the settings name
+ * (else the server's default) and every model the server holds.
+ */
 final class CheckServerCommand {
 
     private static final Logger logger = LoggerFactory.getLogger(CheckServerCommand.class);
@@ -20,7 +23,10 @@ final class CheckServerCommand {
             try {
                 var client = new NuClickHttpClient(settings);
                 var info = client.modelInfo(null);
-                String text = client.settings().serverUrl() + "\n\n" + info.describe();
+                String models = info.models().isEmpty() ? ""
+                        : "\n\nModels on the server (Extensions > NuClick > Settings > Model):\n" + String.join("\n",
+                                info.models().stream().map(m -> "  " + m.describe()).toList());
+                String text = client.settings().serverUrl() + "\n\n" + info.describe() + models;
                 logger.info("NuClick server: {}", text.replace('\n', ' '));
                 Notify.onFx(() -> Dialogs.showPlainMessage("NuClick server", text));
             } catch (NuClickException e) {

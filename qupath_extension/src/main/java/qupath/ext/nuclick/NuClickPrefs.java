@@ -1,17 +1,24 @@
 package qupath.ext.nuclick;
 
+import java.util.List;
 import javafx.beans.property.BooleanProperty;
 import javafx.beans.property.IntegerProperty;
 import javafx.beans.property.StringProperty;
+import javafx.scene.control.Button;
 import javafx.scene.control.CheckBox;
 import javafx.scene.control.ChoiceBox;
+import javafx.scene.control.ComboBox;
 import javafx.scene.control.Label;
 import javafx.scene.control.PasswordField;
 import javafx.scene.control.Spinner;
 import javafx.scene.control.TextField;
+import javafx.scene.control.Tooltip;
 import javafx.scene.layout.GridPane;
+import javafx.scene.layout.HBox;
 import qupath.ext.nuclick.core.NuClickException;
+import qupath.ext.nuclick.core.NuClickHttpClient;
 import qupath.ext.nuclick.core.NuClickSettings;
+import qupath.ext.nuclick.core.ServedModel;
 import qupath.fx.dialogs.Dialogs;
 import qupath.lib.gui.prefs.PathPrefs;
 
@@ -37,6 +44,8 @@ final class NuClickPrefs {
             DEFAULTS.maxClicksPerRequest());
     private static final IntegerProperty TIMEOUT = PathPrefs.createPersistentPreference("nuclick.timeoutSeconds",
             DEFAULTS.timeoutSeconds());
+    /** The server's model to segment with, by name; empty for its default. */
+    private static final StringProperty MODEL = PathPrefs.createPersistentPreference("nuclick.modelName", "");
     /** Whether the user has ever saved the settings or accepted the default server (first-run message). */
     private static final BooleanProperty SERVER_SET_UP = PathPrefs.createPersistentPreference("nuclick.serverSetUp",
             false);
@@ -54,7 +63,7 @@ final class NuClickPrefs {
     static NuClickSettings current() {
         return new NuClickSettings(URL.get(), TOKEN.get(),
                 ANNOTATIONS.get() ? NuClickSettings.Output.ANNOTATIONS : NuClickSettings.Output.DETECTIONS,
-                REMOVE_POINTS.get(), MAX_CLICKS.get(), TIMEOUT.get());
+                REMOVE_POINTS.get(), MAX_CLICKS.get(), TIMEOUT.get(), MODEL.get());
     }
 
     /** Show the settings dialog (on the FX thread); saves only valid settings.  True when saved. */
@@ -75,6 +84,47 @@ final class NuClickPrefs {
         maxClicks.setEditable(true);
         var timeout = new Spinner<Integer>(1, NuClickSettings.MAX_TIMEOUT_S, now.timeoutSeconds(), 10);
         timeout.setEditable(true);
+        // The model: typed, or picked from the list the server gives (GET /v1/model) with "List models".
+        var model = new ComboBox<String>();
+        model.setEditable(true);
+        model.setPromptText("the server's default");
+        model.getEditor().setText(now.modelName());
+        model.setPrefWidth(220);
+        var listModels = new Button("List models");
+        listModels.setTooltip(new Tooltip("Ask the server above for the models it holds"));
+        var modelHelp = new Label();
+        modelHelp.setWrapText(true);
+        modelHelp.setMaxWidth(420);
+        listModels.setOnAction(e -> {
+            var asked = new NuClickSettings(url.getText(), token.getText(), NuClickSettings.Output.DETECTIONS, false,
+                    NuClickSettings.DEFAULT_MAX_CLICKS, Math.min(30, Math.max(1, typed(timeout))), "");
+            listModels.setDisable(true);
+            modelHelp.setText("Asking the server for its models...");
+            var thread = new Thread(() -> {
+                String text;
+                List<ServedModel> models = List.of();
+                try {
+                    models = new NuClickHttpClient(asked).models(null);
+                    text = models.isEmpty()
+                            ? "This server serves one model (it is older than named models): leave the model empty."
+                            : "Models on the server:\n" + String.join("\n",
+                                    models.stream().map(ServedModel::describe).toList());
+                } catch (NuClickException ex) {
+                    text = ex.getMessage();
+                }
+                var found = models;
+                var message = text;
+                Notify.onFx(() -> {
+                    String typedName = model.getEditor().getText();
+                    model.getItems().setAll(found.stream().map(ServedModel::name).toList());
+                    model.getEditor().setText(typedName);
+                    modelHelp.setText(message);
+                    listModels.setDisable(false);
+                });
+            }, "nuclick-list-models");
+            thread.setDaemon(true);
+            thread.start();
+        });
 
         var grid = new GridPane();
         grid.setHgap(8);
@@ -85,9 +135,13 @@ final class NuClickPrefs {
         grid.addRow(row++, new Label("Create nuclei as"), output);
         grid.add(remove, 1, row++);
         grid.addRow(row++, new Label("Max clicks per request"), maxClicks);
-        grid.addRow(row, new Label("Timeout (s)"), timeout);
+        grid.addRow(row++, new Label("Timeout (s)"), timeout);
+        grid.addRow(row++, new Label("Model"), new HBox(8, model, listModels));
+        grid.add(modelHelp, 1, row);
         var help = new Label("The HTTP port of 'nuclick-bridge serve' (--http-port, default 8080). The token is the"
-                + " content of the server's --token-file; leave it empty when the server has none.");
+                + " content of the server's --token-file; leave it empty when the server has none. The model is one"
+                + " of the server's models by name (serve --weights NAME=FILE, or --models-dir); leave it empty for"
+                + " the server's default.");
         help.setWrapText(true);
         help.setMaxWidth(420);
         grid.add(help, 0, row + 1, 2, 1);
@@ -98,7 +152,7 @@ final class NuClickPrefs {
         var edited = new NuClickSettings(url.getText(), token.getText(),
                 "Annotations".equals(output.getValue()) ? NuClickSettings.Output.ANNOTATIONS
                         : NuClickSettings.Output.DETECTIONS,
-                remove.isSelected(), typed(maxClicks), typed(timeout));
+                remove.isSelected(), typed(maxClicks), typed(timeout), model.getEditor().getText());
         try {
             var valid = edited.validated();
             URL.set(valid.serverUrl());
@@ -107,6 +161,7 @@ final class NuClickPrefs {
             REMOVE_POINTS.set(valid.removePoints());
             MAX_CLICKS.set(valid.maxClicksPerRequest());
             TIMEOUT.set(valid.timeoutSeconds());
+            MODEL.set(valid.modelName());
             SERVER_SET_UP.set(true);
             return true;
         } catch (NuClickException e) {

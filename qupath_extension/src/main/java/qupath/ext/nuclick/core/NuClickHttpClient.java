@@ -12,6 +12,7 @@ import java.net.http.HttpTimeoutException;
 import java.nio.channels.UnresolvedAddressException;
 import java.nio.charset.StandardCharsets;
 import java.time.Duration;
+import java.util.List;
 import java.util.concurrent.CancellationException;
 import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.ExecutionException;
@@ -48,16 +49,46 @@ public final class NuClickHttpClient {
         return settings;
     }
 
-    /** {@code GET /v1/model}. */
+    /**
+     * {@code GET /v1/model}, describing the model the settings name (else the server's default); a name the server
+     * does not hold is a SETTINGS error that lists the ones it has.
+     */
     public ModelInfo modelInfo(BooleanSupplier cancelled) throws NuClickException {
         String body = call("GET", "/v1/model", null, cancelled);
-        return Protocol.parseModelInfo(body);
+        try {
+            return Protocol.parseModelInfo(body, settings.modelName());
+        } catch (NuClickException e) {
+            if (e.kind() == NuClickException.Kind.SETTINGS || e.kind() == NuClickException.Kind.SERVER) {
+                throw new NuClickException(e.kind(), e.getMessage().replace("The NuClick server ",
+                        "The NuClick server at " + server() + " "), e.httpStatus(), e.code(), null);
+            }
+            throw e;
+        }
+    }
+
+    /** Every model the server holds, default first, from {@code GET /v1/model} (empty from an older server). */
+    public List<ServedModel> models(BooleanSupplier cancelled) throws NuClickException {
+        return Protocol.parseModelInfo(call("GET", "/v1/model", null, cancelled)).models();
     }
 
     /** {@code POST /v1/segment} with a SegmentRequest's JSON. */
     public Protocol.SegmentReply segment(String requestJson, BooleanSupplier cancelled) throws NuClickException {
         String body = call("POST", "/v1/segment", requestJson, cancelled);
         return Protocol.parseSegmentResponse(body);
+    }
+
+    /**
+     * A SERVER error when a reply came from another model than the settings name (a server older than named models
+     * ignores the name and answers with its only one): its polygons are not the ones asked for.
+     */
+    void checkModel(Protocol.SegmentReply reply) throws NuClickException {
+        String wanted = settings.modelName();
+        if (!wanted.isEmpty() && !wanted.equals(reply.modelName())) {
+            throw new NuClickException(NuClickException.Kind.SERVER, "The NuClick server at " + server()
+                    + " answered with model '" + (reply.modelName().isEmpty() ? reply.model() : reply.modelName())
+                    + "', not '" + wanted + "': it cannot choose models. Upgrade it, or clear the model in"
+                    + " Extensions > NuClick > Settings.");
+        }
     }
 
     /** One HTTP call; the body of a 200 reply, else a NuClickException. */

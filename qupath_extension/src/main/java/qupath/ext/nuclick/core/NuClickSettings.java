@@ -13,6 +13,9 @@ import java.util.Locale;
  * @param removePoints        whether the points that got a nucleus are removed
  * @param maxClicksPerRequest most clicks (with context clicks) in one request; the server's own limit also applies
  * @param timeoutSeconds      how long one request may take
+ * @param modelName           which of the server's models segments, by the name it serves it under
+ *                            ({@code serve --weights NAME=FILE}, a file stem in {@code --models-dir}); empty for the
+ *                            server's default model
  */
 public record NuClickSettings(
         String serverUrl,
@@ -20,7 +23,14 @@ public record NuClickSettings(
         Output output,
         boolean removePoints,
         int maxClicksPerRequest,
-        int timeoutSeconds) {
+        int timeoutSeconds,
+        String modelName) {
+
+    /** Settings that use the server's default model. */
+    public NuClickSettings(String serverUrl, String token, Output output, boolean removePoints, int maxClicksPerRequest,
+                           int timeoutSeconds) {
+        this(serverUrl, token, output, removePoints, maxClicksPerRequest, timeoutSeconds, "");
+    }
 
     /** What the nuclei become in QuPath. */
     public enum Output {
@@ -33,11 +43,12 @@ public record NuClickSettings(
     public static final int DEFAULT_TIMEOUT_S = 120;
     public static final int MAX_CLICKS_LIMIT = 100_000;
     public static final int MAX_TIMEOUT_S = 3600;
+    public static final int MAX_MODEL_NAME = 128;
 
     private static final String WHERE = "Extensions > NuClick > Settings";
 
     public static NuClickSettings defaults() {
-        return new NuClickSettings(DEFAULT_URL, "", Output.DETECTIONS, false, DEFAULT_MAX_CLICKS, DEFAULT_TIMEOUT_S);
+        return new NuClickSettings(DEFAULT_URL, "", Output.DETECTIONS, false, DEFAULT_MAX_CLICKS, DEFAULT_TIMEOUT_S, "");
     }
 
     /**
@@ -64,7 +75,18 @@ public record NuClickSettings(
         if (timeoutSeconds < 1 || timeoutSeconds > MAX_TIMEOUT_S) {
             throw invalid("The timeout must be between 1 and " + MAX_TIMEOUT_S + " seconds, not " + timeoutSeconds + ".");
         }
-        return new NuClickSettings(url, tok, output, removePoints, maxClicksPerRequest, timeoutSeconds);
+        String model = modelName == null ? "" : modelName.strip();
+        if (model.length() > MAX_MODEL_NAME) {
+            throw invalid("The model name is longer than " + MAX_MODEL_NAME + " characters.");
+        }
+        for (int i = 0; i < model.length(); i++) {
+            char ch = model.charAt(i);
+            if (ch <= ' ' || ch > '~') {
+                throw invalid("The model name may only hold printable ASCII characters without spaces (a name the"
+                        + " server lists; empty for its default model).");
+            }
+        }
+        return new NuClickSettings(url, tok, output, removePoints, maxClicksPerRequest, timeoutSeconds, model);
     }
 
     /** The base URI of validated settings (no trailing slash). */

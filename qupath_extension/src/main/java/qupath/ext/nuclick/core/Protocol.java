@@ -42,8 +42,12 @@ public final class Protocol {
                              double score, String reason) {
     }
 
-    /** A SegmentResponse as received. */
-    public record SegmentReply(String requestId, String model, double resampleFactor, List<WireResult> results) {
+    /**
+     * A SegmentResponse as received: {@code model} is the weights file's name and version, {@code modelName} the
+     * name the server serves it under (empty from a server older than named models).
+     */
+    public record SegmentReply(String requestId, String model, double resampleFactor, List<WireResult> results,
+                               String modelName) {
     }
 
     /** An error body, {@code {"code": "...", "message": "..."}}. */
@@ -52,9 +56,18 @@ public final class Protocol {
 
     // ------------------------------------------------------------------ requests
 
-    /** The JSON of a SegmentRequest. {@code simplifyTolerance} null: the server's default. */
+    /** The JSON of a SegmentRequest for the server's default model. {@code simplifyTolerance} null: the server's default. */
     public static String segmentRequest(TileData tile, TilePlacement where, List<WireClick> clicks, String requestId,
                                         Double simplifyTolerance) {
+        return segmentRequest(tile, where, clicks, requestId, simplifyTolerance, null);
+    }
+
+    /**
+     * The JSON of a SegmentRequest for the server's model {@code modelName} (null or empty: its default).
+     * {@code simplifyTolerance} null: the server's default.
+     */
+    public static String segmentRequest(TileData tile, TilePlacement where, List<WireClick> clicks, String requestId,
+                                        Double simplifyTolerance, String modelName) {
         JsonObject t = new JsonObject();
         t.addProperty("encoding", tile.encoding().name());
         t.addProperty("data", Base64.getEncoder().encodeToString(tile.data()));
@@ -88,6 +101,9 @@ public final class Protocol {
         }
         if (simplifyTolerance != null) {
             req.addProperty("simplifyTolerance", finite(simplifyTolerance, "simplify tolerance"));
+        }
+        if (modelName != null && !modelName.isEmpty()) {
+            req.addProperty("modelName", modelName);
         }
         return GSON.toJson(req);
     }
@@ -130,32 +146,82 @@ public final class Protocol {
                     "The NuClick server refused the tile: " + e.string("code") + ": " + e.string("message"), 0,
                     e.string("code"), null);
         }
-        return new SegmentReply(f.string("requestId"), f.string("model"), f.number("resampleFactor"), results);
+        return new SegmentReply(f.string("requestId"), f.string("model"), f.number("resampleFactor"), results,
+                f.string("modelName"));
     }
 
-    /** Parse a GetModelInfoResponse. */
+    /** Parse a GetModelInfoResponse: the server's default model. */
     public static ModelInfo parseModelInfo(String body) throws NuClickException {
+        return parseModelInfo(body, null);
+    }
+
+    /**
+     * Parse a GetModelInfoResponse, describing the server's model {@code modelName} (null or empty: its default).
+     * A name the server does not list is a SETTINGS error naming the ones it has; a server that lists none (older
+     * than named models) cannot choose, which is a SERVER error.
+     */
+    public static ModelInfo parseModelInfo(String body, String modelName) throws NuClickException {
         JsonObject root = parseObject(body, "GetModelInfoResponse");
         Fields f = new Fields(root, "");
         JsonObject model = f.object("model");
         if (model == null) {
             throw malformed("the reply of GET /v1/model has no 'model'");
         }
-        Fields m = new Fields(model, "model.");
         JsonObject limits = f.object("limits");
         Fields l = new Fields(limits == null ? new JsonObject() : limits, "limits.");
+        ServedModel chosen = servedModel(ServedModel.DEFAULT, model, "model.");
+        List<ServedModel> models = new ArrayList<>();
+        JsonArray arr = f.array("models");
+        for (int i = 0; i < arr.size(); i++) {
+            String path = "models[" + i + "]";
+            Fields s = new Fields(asObject(arr.get(i), path), path + ".");
+            JsonObject inner = s.object("model");
+            if (inner == null) {
+                throw malformed(path + " has no 'model'");
+            }
+            models.add(servedModel(s.string("name"), inner, path + ".model."));
+        }
+        String wanted = modelName == null ? "" : modelName.strip();
+        if (!wanted.isEmpty()) {
+            if (models.isEmpty()) {
+                throw new NuClickException(NuClickException.Kind.SERVER, "The NuClick server (nuclick-bridge "
+                        + (f.string("serverVersion").isEmpty() ? "of an older version" : f.string("serverVersion"))
+                        + ") serves one model and cannot choose '" + wanted + "'. Upgrade it, or clear the model in"
+                        + " Extensions > NuClick > Settings.");
+            }
+            chosen = null;
+            for (ServedModel s : models) {
+                if (s.name().equals(wanted)) {
+                    chosen = s;
+                }
+            }
+            if (chosen == null) {
+                List<String> names = new ArrayList<>();
+                models.forEach(s -> names.add(s.name()));
+                throw new NuClickException(NuClickException.Kind.SETTINGS, "The NuClick server has no model named '"
+                        + wanted + "'; its models are: " + String.join(", ", names)
+                        + ". Pick one in Extensions > NuClick > Settings.");
+            }
+        }
+        return new ModelInfo(chosen.modelName(), chosen.version(), chosen.patchSize(), chosen.sigma(),
+                chosen.threshold(), chosen.pixelSizeUm(), f.string("device"), f.string("deviceName"),
+                f.string("serverVersion"), l.uint("maxMessageBytes"), clampInt(l.uint("maxTileSide")),
+                clampInt(l.uint("maxClicksPerRequest")), l.bool("authRequired"), chosen.name(), models);
+    }
+
+    private static ServedModel servedModel(String name, JsonObject model, String prefix) throws NuClickException {
+        Fields m = new Fields(model, prefix);
         long patch = m.uint("patchSize");
         if (patch < 1 || patch > 1 << 16) {
-            throw malformed("model.patchSize is " + patch);
+            throw malformed(prefix + "patchSize is " + patch);
         }
         double sigma = m.number("sigma");
         double px = m.number("pixelSizeUm");
         if (!Double.isFinite(sigma) || sigma < 0 || !Double.isFinite(px) || px < 0) {
-            throw malformed("model.sigma or model.pixelSizeUm is not a non-negative number");
+            throw malformed(prefix + "sigma or " + prefix + "pixelSizeUm is not a non-negative number");
         }
-        return new ModelInfo(m.string("name"), m.string("version"), (int) patch, sigma, m.number("threshold"), px,
-                f.string("device"), f.string("deviceName"), f.string("serverVersion"), l.uint("maxMessageBytes"),
-                clampInt(l.uint("maxTileSide")), clampInt(l.uint("maxClicksPerRequest")), l.bool("authRequired"));
+        return new ServedModel(name, m.string("name"), m.string("version"), m.string("sha256"), m.string("arch"),
+                (int) patch, sigma, m.number("threshold"), px);
     }
 
     /** The {@code {"code", "message"}} of an error body, or null when the body is not one. */

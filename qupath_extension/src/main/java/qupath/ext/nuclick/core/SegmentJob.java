@@ -155,8 +155,9 @@ public final class SegmentJob {
             }
             String body = Protocol.segmentRequest(tile, new Protocol.TilePlacement(box[0], box[1], d, sentPixelSize),
                     wireClicks(clicks, plan, box[0], box[1], tile.width() * d, tile.height() * d), "tile-" + (t + 1),
-                    options.simplifyTolerance());
+                    options.simplifyTolerance(), client.settings().modelName());
             Protocol.SegmentReply reply = client.segment(body, stop);
+            client.checkModel(reply);
             collect(reply, plan, clicks, results);
         }
         report.update(plans.size(), plans.size(), "Done");

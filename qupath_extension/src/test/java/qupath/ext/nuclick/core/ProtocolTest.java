@@ -214,4 +214,66 @@ class ProtocolTest {
         assertNull(Protocol.parseError("{}"));
         assertNull(Protocol.parseError(null));
     }
+
+    /** A GetModelInfoResponse of a server with two models, as the real server writes it. */
+    private static String twoModels() {
+        String d = "{\"name\": \"fake\", \"version\": \"v1\", \"sha256\": \"ab\", \"width\": 1.0, \"patchSize\": 128,"
+                + " \"sigma\": 2.0, \"threshold\": 0.4, \"pixelSizeUm\": 0.25, \"arch\": \"effunet-lite0\"}";
+        String lung = "{\"name\": \"lung-net\", \"version\": \"l7\", \"sha256\": \"cd\", \"width\": 1.0,"
+                + " \"patchSize\": 64, \"sigma\": 1.5, \"threshold\": 0.5, \"pixelSizeUm\": 0.5, \"arch\": \"nuclick-w0.25\"}";
+        String one = FakeServer.modelJson(0.25, 4096, 50, false);
+        return one.substring(0, one.length() - 1) + ", \"models\": [{\"name\": \"default\", \"model\": " + d
+                + "}, {\"name\": \"lung\", \"model\": " + lung + "}]}";
+    }
+
+    @Test
+    void theServersModelsAreListedAndTheNamedOneDescribed() throws Exception {
+        ModelInfo plain = Protocol.parseModelInfo(twoModels());
+        assertEquals("default", plain.servedName());
+        assertEquals(List.of("default", "lung"), plain.modelNames());
+        assertEquals("Model fake v1 on cpu, pixel size 0.25 µm, patch 128 px; nuclick-bridge 0.0-test; no token"
+                + " required; models on the server: default, lung", plain.describe());
+        ServedModel listed = plain.models().get(1);
+        assertEquals(new ServedModel("lung", "lung-net", "l7", "cd", "nuclick-w0.25", 64, 1.5, 0.5, 0.5), listed);
+        assertEquals("lung: lung-net l7 (nuclick-w0.25), pixel size 0.5 µm", listed.describe());
+        ModelInfo lung = Protocol.parseModelInfo(twoModels(), "lung");
+        assertEquals("lung", lung.servedName());
+        assertEquals("lung-net", lung.name());
+        assertEquals(64, lung.patchSize());
+        assertEquals(1.5, lung.sigma());
+        assertEquals(0.5, lung.pixelSizeUm());
+        assertEquals(50, lung.maxClicksPerRequest()); // the server's limits, whichever model
+        assertTrue(lung.describe().startsWith("Model lung: lung-net l7 on cpu"), lung.describe());
+    }
+
+    @Test
+    void aModelTheServerDoesNotListOrAServerOfOneModelIsAClearError() {
+        NuClickException unknown = assertThrows(NuClickException.class, () -> Protocol.parseModelInfo(twoModels(), "kidney"));
+        assertEquals(NuClickException.Kind.SETTINGS, unknown.kind());
+        assertEquals("The NuClick server has no model named 'kidney'; its models are: default, lung. Pick one in"
+                + " Extensions > NuClick > Settings.", unknown.getMessage());
+        NuClickException old = assertThrows(NuClickException.class,
+                () -> Protocol.parseModelInfo(FakeServer.modelJson(0.25, 4096, 50, false), "lung"));
+        assertEquals(NuClickException.Kind.SERVER, old.kind());
+        assertTrue(old.getMessage().contains("serves one model and cannot choose 'lung'"), old.getMessage());
+        assertThrows(NuClickException.class, () -> Protocol.parseModelInfo("{\"model\": {\"patchSize\": 128},"
+                + " \"models\": [{\"name\": \"x\"}]}"));
+    }
+
+    @Test
+    void theModelNameTravelsInTheRequestAndBackInTheReply() throws Exception {
+        List<Protocol.WireClick> one = List.of(new Protocol.WireClick(0.5, 0.5, "0", "", false));
+        JsonObject named = JsonParser.parseString(Protocol.segmentRequest(TileData.rawRgb(RGB, 2, 2),
+                new Protocol.TilePlacement(0, 0, 1, 0), one, "", null, "lung")).getAsJsonObject();
+        assertEquals("lung", named.get("modelName").getAsString());
+        for (String none : new String[] {null, ""}) {
+            JsonObject plain = JsonParser.parseString(Protocol.segmentRequest(TileData.rawRgb(RGB, 2, 2),
+                    new Protocol.TilePlacement(0, 0, 1, 0), one, "", null, none)).getAsJsonObject();
+            assertFalse(plain.has("modelName"));
+        }
+        var reply = Protocol.parseSegmentResponse("{\"requestId\": \"t\", \"results\": [], \"model\": \"lung-net l7\","
+                + " \"modelName\": \"lung\"}");
+        assertEquals("lung", reply.modelName());
+        assertEquals("lung-net l7", reply.model());
+    }
 }

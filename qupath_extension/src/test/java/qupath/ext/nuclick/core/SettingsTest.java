@@ -71,4 +71,16 @@ class SettingsTest {
         var noOutput = new NuClickSettings("h:1", "", null, true, 5, 5);
         assertTrue(assertThrows(NuClickException.class, noOutput::validated).getMessage().contains("detections or annotations"));
     }
+
+    @Test
+    void theModelNameIsTrimmedEmptyMeansTheServersDefaultAndSpacesAreRefused() throws Exception {
+        assertEquals("", NuClickSettings.defaults().validated().modelName());
+        assertEquals("", withUrl("h:1").validated().modelName()); // settings from before named models
+        var lung = new NuClickSettings("h:1", "", NuClickSettings.Output.DETECTIONS, false, 10, 10, "  lung-v2 \n");
+        assertEquals("lung-v2", lung.validated().modelName());
+        var spaced = new NuClickSettings("h:1", "", NuClickSettings.Output.DETECTIONS, false, 10, 10, "my lung");
+        NuClickException e = assertThrows(NuClickException.class, spaced::validated);
+        assertEquals(NuClickException.Kind.SETTINGS, e.kind());
+        assertTrue(e.getMessage().startsWith("The model name may only hold printable ASCII"), e.getMessage());
+    }
 }
