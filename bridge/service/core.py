@@ -393,7 +393,8 @@ class SegmentService:
             log_event(
                 "segment",
                 request_id=req.request_id,
-                model_name=req.model_name or None,
+                model_name=served.name if served is not None else req.model_name or None,
+                model=served.label if served is not None else None,
                 tile=f"{req.tile.width}x{req.tile.height}",
                 clicks=len(req.clicks),
                 found=found,
