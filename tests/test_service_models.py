@@ -587,3 +587,20 @@ def test_model_name_needs_a_server_and_an_unknown_one_is_one_line(two_models, ti
         "its models are: default, a, b"
     ]
     assert not out.exists()
+
+
+def test_every_command_that_takes_server_takes_model_name():
+    from bridge.client import RemoteSegmenter
+
+    for argv in (
+        ["segment", "img.png", "--points", "p.csv", "--out", "o.geojson"],
+        ["qupath", "proj"],
+        ["omero", "--host", "omero.lab", "--image", "1"],
+    ):
+        args = build_parser().parse_args([*argv, "--server", "gpu-box:50051", "--model-name", "lung"])
+        segmenter = RemoteSegmenter.from_args(args)
+        try:
+            assert segmenter.client.model == "lung", argv[0]
+        finally:
+            segmenter.close()
+        assert build_parser().parse_args(argv).model_name is None
