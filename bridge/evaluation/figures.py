@@ -103,7 +103,10 @@ def size_figure(path: Path, bins: Sequence[SizeBin], title: str = "") -> Path:
     ax = fig.add_subplot()
     bars = ax.bar(x, [b.mean_iou for b in shown], color="#4c72b0", label="mean IoU (best match)")
     for bar, b in zip(bars, shown, strict=True):
-        ax.annotate(f"n={b.count}", (bar.get_x() + bar.get_width() / 2, 0.02), ha="center", fontsize=7, color="white")
+        top = b.mean_iou - 0.02  # inside the bar's top, clear of the missed line near the bottom
+        ax.annotate(
+            f"n={b.count}", (bar.get_x() + bar.get_width() / 2, top), ha="center", va="top", fontsize=7, color="white"
+        )
     ax.plot(x, [b.missed for b in shown], "o-", color="#dd4444", label="missed (IoU ≤ 0.5)")
     ax.set_xticks(x, labels)
     ax.set_xlabel("annotated nucleus area (px)")
