@@ -441,3 +441,42 @@ def test_real_server_dry_run_job(nuclick):
         assert result.message.startswith("dry run: 1 image(s): 1 ok")
     finally:
         conn.close()
+
+
+# ---------------------------------------------------------------- a server of several models
+
+
+def test_a_job_segments_with_the_model_it_names(crop_and_centres, monkeypatch, capsys):
+    """A NuClick server of two models: NuClick_Model picks one (empty: the server's default), and a name the
+    server does not hold fails the job in one line before anything is written."""
+    params = omero.scripts.parse_file(str(SHELL))
+    assert params.inputs["NuClick_Model"].optional and unwrap(params.inputs["NuClick_Model"].prototype) == ""
+    engines = {
+        "default": engine_for(TextureModel(), "texture"),
+        "other": engine_for(TextureModel(6.0, seed=3), "other"),
+    }
+    srv = NuClickServer(engines, port=0, http_port=None).start()
+    address = f"127.0.0.1:{srv.grpc_port}"
+    crop, centres = crop_and_centres
+    try:
+        answers = {}
+        for name in ("other", ""):
+            server = two_images_in_a_dataset(crop, centres)
+            inputs = {"Data_Type": "Image", "IDs": [1], "NuClick_Server": address, "NuClick_Model": name}
+            client, out, err = job(server, monkeypatch, capsys, **inputs)
+            engine = engines[name or "default"]
+            answers[name] = ours(server, 1)
+            assert answers[name] == expected(engine, server, 1, crop) and len(answers[name]) >= 6, out + err
+            label = "model other test (other)" if name else "model texture test on"
+            assert f"NuClick server {address}: {label}" in out
+        assert answers["other"] != answers[""]
+
+        server = two_images_in_a_dataset(crop, centres)
+        inputs = {"Data_Type": "Image", "IDs": [1], "NuClick_Server": address, "NuClick_Model": "lung"}
+        client, _out, err = job(server, monkeypatch, capsys, **inputs)
+        assert message(client) == (
+            f"Failed: NuClick server {address} has no model named 'lung'; its models are: default, other"
+        )
+        assert err.strip() == message(client) and server.ours(1) == []
+    finally:
+        srv.stop(grace=1)

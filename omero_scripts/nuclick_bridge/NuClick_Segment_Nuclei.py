@@ -63,6 +63,14 @@ def parameters():
             description="Address of the NuClick server, HOST:PORT (set by your OMERO administrator)",
             default=DEFAULT_SERVER,
         ),
+        scripts.String(
+            "NuClick_Model",
+            optional=True,
+            grouping="3.1",
+            description="Which of the NuClick server's models to use, by name (ask your OMERO administrator); "
+            "empty: the server's default model",
+            default="",
+        ),
         scripts.List(
             "Classes",
             optional=True,

@@ -37,11 +37,12 @@ from bridge.targets import parse_target
 DATA_TYPE = "Data_Type"
 IDS = "IDs"
 SERVER = "NuClick_Server"
+MODEL = "NuClick_Model"
 CLASSES = "Classes"
 REPLACE = "Replace_Existing"
 DRY_RUN = "Dry_Run"
 CSV_REPORT = "CSV_Report"
-PARAMETERS = (DATA_TYPE, IDS, SERVER, CLASSES, REPLACE, DRY_RUN, CSV_REPORT)
+PARAMETERS = (DATA_TYPE, IDS, SERVER, MODEL, CLASSES, REPLACE, DRY_RUN, CSV_REPORT)
 
 DATA_TYPES = ("Image", "Dataset", "Project", "Plate", "Screen")
 CSV_NAMESPACE = "nuclick-bridge/report"
@@ -74,6 +75,7 @@ class ScriptParams:
     replace: bool = False
     dry_run: bool = False
     csv: bool = False
+    model: str = ""  # the NuClick server's model, by the name it serves it under; "": its default
 
 
 # ---------------------------------------------------------------- parameters
@@ -131,7 +133,11 @@ def read_params(inputs: Mapping[str, Any], default_server: str = "") -> ScriptPa
         parse_target(server)
     except BridgeInputError as exc:
         raise BridgeInputError(f"{SERVER}: {exc}") from None
+    model = inputs.get(MODEL)
+    if model is not None and not isinstance(model, str):
+        raise BridgeInputError(f"{MODEL} must be a model name, not {model!r}")
     return ScriptParams(
+        model=(model or "").strip(),
         data_type=data_type,
         ids=_ids(inputs.get(IDS)),
         server=server,
@@ -180,9 +186,10 @@ class ServerAccess:
     ca_file: str = ""  # PEM CA bundle of the server's TLS certificate: turns TLS on
 
 
-def open_segmenter(server: str, access: ServerAccess = ServerAccess()) -> tuple[Any, Any]:
-    """A :class:`~bridge.client.RemoteSegmenter` on ``server`` and the server's
-    :class:`~bridge.client.ServerInfo`, after checking that it answers."""
+def open_segmenter(server: str, access: ServerAccess = ServerAccess(), model: str = "") -> tuple[Any, Any]:
+    """A :class:`~bridge.client.RemoteSegmenter` on ``server``'s model ``model``
+    ("" = its default) and the server's :class:`~bridge.client.ServerInfo`,
+    after checking that it answers and holds that model."""
     from bridge.client import NuClickClient, RemoteSegmenter
     from bridge.service.auth import read_token_file
 
@@ -191,7 +198,7 @@ def open_segmenter(server: str, access: ServerAccess = ServerAccess()) -> tuple[
         kwargs["token"] = read_token_file(access.token_file)
     if access.ca_file:
         kwargs["root_certificates"] = access.ca_file
-    client = NuClickClient.from_env(server, **kwargs)
+    client = NuClickClient.from_env(server, model=model, **kwargs)
     try:
         info = client.info(timeout=SERVER_CHECK_TIMEOUT_S)
     except BaseException:
@@ -284,7 +291,7 @@ def run(
     params: ScriptParams,
     report: Callable[[str], None],
     access: ServerAccess = ServerAccess(),
-    segmenter_factory: Callable[[str, ServerAccess], Any] = open_segmenter,
+    segmenter_factory: Callable[[str, ServerAccess, str], Any] = open_segmenter,
 ) -> ScriptResult:
     """Run the OMERO connector on the selected images with the NuClick server; never raises for bad input."""
     from bridge.connectors.omero.gateway import OmeroRun, describe_error
@@ -297,8 +304,11 @@ def run(
             what += f", points of class {', '.join(params.classes)}"
         report(f"nuclick-bridge: {what}{'; dry run, nothing is written' if params.dry_run else ''}")
         try:
-            segmenter, info = segmenter_factory(params.server, access)
-            report(f"NuClick server {params.server}: model {info.model_name} {info.model_version} on {info.device}")
+            segmenter, info = segmenter_factory(params.server, access, params.model)
+            served = f" ({info.served_name})" if params.model else ""
+            report(
+                f"NuClick server {params.server}: model {info.model_name} {info.model_version}{served} on {info.device}"
+            )
         except BridgeInputError as exc:
             if not params.dry_run:
                 raise
