@@ -216,7 +216,7 @@ class ProtocolTest {
     }
 
     /** A GetModelInfoResponse of a server with two models, as the real server writes it. */
-    private static String twoModels() {
+    static String twoModels() {
         String d = "{\"name\": \"fake\", \"version\": \"v1\", \"sha256\": \"ab\", \"width\": 1.0, \"patchSize\": 128,"
                 + " \"sigma\": 2.0, \"threshold\": 0.4, \"pixelSizeUm\": 0.25, \"arch\": \"effunet-lite0\"}";
         String lung = "{\"name\": \"lung-net\", \"version\": \"l7\", \"sha256\": \"cd\", \"width\": 1.0,"

@@ -286,4 +286,46 @@ class SegmentJobTest {
             }
         }
     }
+
+    @Test
+    void theModelSettingTravelsWithEveryTileAndAReplyFromAnotherModelIsRefused() throws Exception {
+        // A server of two models that echoes the name it is asked for, as the real one does.
+        FakeServer.Handler plain = fakeNuclick(ProtocolTest.twoModels());
+        FakeServer.Handler echoing = r -> {
+            FakeServer.Reply reply = plain.handle(r);
+            if (!r.path().endsWith("/v1/segment")) {
+                return reply;
+            }
+            JsonObject body = JsonParser.parseString(reply.body()).getAsJsonObject();
+            JsonObject req = JsonParser.parseString(r.body()).getAsJsonObject();
+            body.addProperty("modelName", req.has("modelName") ? req.get("modelName").getAsString() : "default");
+            return new FakeServer.Reply(200, body.toString());
+        };
+        List<Click> clicks = List.of(new Click(150.5, 150.5), new Click(900.5, 150.5));
+        try (var server = new FakeServer(echoing)) {
+            var s = server.settings("");
+            var lung = new NuClickSettings(s.serverUrl(), "", s.output(), false, 1000, 5, "lung");
+            var outcome = new SegmentJob(new NuClickHttpClient(lung), new SegmentJob.Options(512, null))
+                    .run(clicks, 2000, 1000, 0.5, new GreyPixels(), null, null, null);
+            assertEquals("lung", outcome.model().servedName());
+            assertEquals(64, outcome.model().patchSize()); // the tiles were planned with lung's patch, not the default's
+            assertEquals(Scale.IDENTITY, outcome.scale()); // lung's pixel size is 0.5 um
+            List<JsonObject> requests = segmentRequests(server);
+            assertFalse(requests.isEmpty());
+            for (JsonObject req : requests) {
+                assertEquals("lung", req.get("modelName").getAsString());
+            }
+        }
+        // A server that lists the model but answers with another (ignoring the name) is refused.
+        try (var server = new FakeServer(plain)) {
+            var s = server.settings("");
+            var lung = new NuClickSettings(s.serverUrl(), "", s.output(), false, 1000, 5, "lung");
+            NuClickException e = assertThrows(NuClickException.class, () -> new SegmentJob(new NuClickHttpClient(lung))
+                    .run(clicks, 2000, 1000, 0.5, new GreyPixels(), null, null, null));
+            assertEquals(NuClickException.Kind.SERVER, e.kind());
+            assertEquals("The NuClick server at " + s.serverUrl() + " answered with model 'fake v1', not 'lung': it"
+                    + " cannot choose models. Upgrade it, or clear the model in Extensions > NuClick > Settings.",
+                    e.getMessage());
+        }
+    }
 }
