@@ -268,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_device_options(p, inference=False)
     p.set_defaults(handler="bridge.commands.train:run")
+
+    from bridge.commands.adapt import DESCRIPTION as ADAPT_DESCRIPTION
+    from bridge.commands.adapt import EPILOG as ADAPT_EPILOG
+
+    p = sub.add_parser(
+        "adapt",
+        help="teach the network your lab's outlines from nuclei you corrected (QuPath, OMERO or a folder)",
+        description=ADAPT_DESCRIPTION,
+        epilog=ADAPT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(handler="bridge.commands.adapt:run", add_arguments="bridge.commands.adapt:add_arguments")
     p = sub.add_parser(
         "serve",
         help="run the NuClick gRPC + HTTP/JSON server",
@@ -305,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--user alice --password-env OMERO_PASSWORD --dataset 51 --dry-run",
     )
     p.set_defaults(handler="bridge.commands.omero:run", add_arguments="bridge.commands.omero:add_arguments")
-    for name in ("serve", "qupath", "qupath-export", "omero"):
+    for name in ("adapt", "serve", "qupath", "qupath-export", "omero"):
         _attach_arguments(sub.choices[name])
     return parser
 

@@ -15,9 +15,15 @@ from bridge.errors import BridgeInputError
 
 @dataclass
 class LabelledImage:
+    """An image and its instance labels.  A lab's partial labels add
+    ``known`` (False where no one said what a pixel is: training gives it no
+    weight) and ``targets`` (the ids training may centre a patch on)."""
+
     name: str
     image: np.ndarray  # (H, W, 3) uint8
     labels: np.ndarray  # (H, W) int32
+    known: np.ndarray | None = None  # (H, W) bool; None: every pixel is known
+    targets: frozenset[int] | None = None  # None: every labelled nucleus
 
 
 def split_names(root: Path, split: str | None) -> list[str]:

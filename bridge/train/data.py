@@ -21,7 +21,8 @@ NEIGHBOUR_WEIGHT = 10.0
 
 def sample_index(images: list[LabelledImage]) -> np.ndarray:
     """(K, 4) int rows (image index, instance id, centroid row, centroid col)
-    for every nucleus of at least ``MIN_OBJECT_PX`` pixels.
+    for every nucleus of at least ``MIN_OBJECT_PX`` pixels (of an image's
+    ``targets`` where it names them).
 
     Nuclei cut by the image border are targets too, as their visible part:
     users click them, and evaluation scores them (a quarter of CoNSeP's tile
@@ -31,6 +32,8 @@ def sample_index(images: list[LabelledImage]) -> np.ndarray:
     rows = []
     for i, item in enumerate(images):
         for inst, (sr, sc) in instance_slices(item.labels).items():
+            if item.targets is not None and inst not in item.targets:
+                continue
             rr, cc = np.nonzero(item.labels[sr, sc] == inst)
             if len(rr) < MIN_OBJECT_PX:
                 continue
@@ -74,14 +77,17 @@ class NucleusPatches(Dataset):
         y0 = round(cr + shift[1]) - win // 2
         # A fourth channel marks real pixels (inference's own rule), so that the padding
         # outside the image stays exactly zero through resizing and colour jitter.
+        # A fifth marks the pixels whose truth is known (a lab's partial labels).
         H, W = item.labels.shape
         inside = valid_window((x0, y0), win, W, H).astype(np.uint8) * 255
-        image = np.dstack([crop_padded(item.image, x0, y0, win, win), inside])
+        known = inside if item.known is None else crop_padded(item.known.astype(np.uint8) * 255, x0, y0, win, win)
+        image = np.dstack([crop_padded(item.image, x0, y0, win, win), inside, known])
         labels = crop_padded(item.labels, x0, y0, win, win)
         image, labels = resize_to(image, labels, S)
         if self.augment:
             image, labels = geometric(image, labels, rng)
         valid = image[..., 3] >= 128
+        known = valid if item.known is None else image[..., 4] >= 128
         image = colour(image[..., :3], rng, self.policy) if self.augment else image[..., :3]
         image = np.where(valid[..., None], image, 0)
         labels = np.where(valid, labels, 0)
@@ -103,6 +109,8 @@ class NucleusPatches(Dataset):
         x[3] = gaussian_map(np.asarray(click), S, self.sigma)
         x[4] = gaussian_map(np.asarray(neighbours).reshape(-1, 2), S, self.sigma)
         weights = np.where((labels > 0) & ~target, NEIGHBOUR_WEIGHT, 1.0).astype(np.float32)
+        if item.known is not None:  # unknown pixels teach nothing (the padding stays as before)
+            weights[~known & valid] = 0.0
         return x, target[None].astype(np.float32), weights[None]
 
     def sample_plain(self, k: int, rng: np.random.Generator):

@@ -1,0 +1,206 @@
+"""``nuclick-bridge adapt``: fine-tune weights on a lab's own corrected nuclei.
+
+Imported when the parser is built: nothing heavy at module level (torch,
+paquo and omero-py load inside :func:`run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from bridge.commands.common import add_device_options
+from bridge.errors import BridgeInputError
+
+DEFAULT_REGION_CLASS = "NuClick training"
+DEFAULT_MINUTES = 12.0
+
+DESCRIPTION = (
+    "Teach the network your lab's own outlines. Start from the shipped weights (or --init FILE) and fine-tune "
+    "them on nuclei your annotators drew or corrected, within a time budget that fits a lab computer. Part of "
+    "your nuclei is held back (the same part every time) and the held-back AJI / PQ / SQ is measured before and "
+    "after; the new weights file is written only when it beats its starting weights there. Stop it with "
+    "Ctrl-C at any time: it keeps the best weights measured so far. Run the same command again to resume."
+)
+EPILOG = """sources of nuclei (choose one):
+  --data DIR        images/ + labels/ (uint16 instance maps) as in ../shared/data; every image, or --split
+  --qupath PROJECT  areas annotated with the class --region-class (default 'NuClick training') are complete:
+                    every nucleus inside is outlined (our detections after your edits, or your own
+                    detections/annotations). Nuclei outside regions are used as neighbours only.
+  --omero           rectangle or polygon ROIs named --region-name on the --image ids; nuclei are the
+                    polygon ROIs inside them (login flags as for 'nuclick-bridge omero')
+
+examples:
+  nuclick-bridge adapt --qupath ~/projects/liver --out lab.pt
+  nuclick-bridge adapt --data ../shared/data/cpm15_dev --split adapt --out runs/cpm15.pt
+then serve it beside the shipped model:
+  nuclick-bridge serve --weights lab=lab.pt     (requests name the model 'lab')"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("where the lab's nuclei are").add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="DIR", help="a dataset folder: images/*.png, labels/*.png (uint16 instance ids)")
+    src.add_argument("--qupath", metavar="PROJECT", help="a QuPath project (project.qpproj or its folder)")
+    src.add_argument("--omero", action="store_true", help="an OMERO server (see the OMERO flags below)")
+    p.add_argument("--split", default=None, help="with --data: only the images of this split in split.json")
+    p.add_argument(
+        "--region-class",
+        default=DEFAULT_REGION_CLASS,
+        metavar="NAME",
+        help="with --qupath: the class of the area annotations that mark complete regions "
+        f"(default: {DEFAULT_REGION_CLASS!r})",
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --qupath: only this image entry (repeatable; default: every image with regions)",
+    )
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="pixel size in µm for images that record none (default: such images are refused; --data images "
+        "are taken to be at the model's 0.25 µm)",
+    )
+    p.add_argument("--out", required=True, metavar="WEIGHTS", help="where to write the adapted weights file")
+    p.add_argument("--init", default=None, metavar="FILE", help="weights to start from (default: the shipped ones)")
+    p.add_argument("--name", default=None, help="the model's name in the file (default: the --out file's stem)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_MINUTES,
+        help=f"time budget for the whole run, measuring included (default: {DEFAULT_MINUTES:g})",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="train exactly this many steps instead of filling the time budget (repeatable results; default: 0)",
+    )
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of the nuclei held back to measure (default: 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
+    p.add_argument(
+        "--no-threshold-search",
+        dest="calibrate",
+        action="store_false",
+        help="keep the starting threshold instead of choosing one on the trained nuclei",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="write the file even when it does not beat its starting weights"
+    )
+    add_device_options(p, inference=False)
+
+
+def load_items(args: argparse.Namespace, pixel_size_um: float) -> tuple[list, str, int]:
+    """(training images, a description of the source, how many nuclei)."""
+    if args.data:
+        from bridge.evaluation.datasets import load_split
+
+        root = Path(args.data)
+        if not (root / "images").is_dir():
+            raise BridgeInputError(f"{root} is not a dataset folder (no images/ inside)")
+        items = load_split(root, args.split)
+        source = f"data {root.resolve()}" + (f" split {args.split}" if args.split else "")
+    elif args.qupath:
+        from bridge.connectors.qupath.paquo import open_project, project_file
+        from bridge.connectors.qupath.regions import project_regions
+        from bridge.io.regions import region_samples
+
+        project_file(args.qupath)
+        labs = project_regions(open_project(args.qupath, readonly=True), args.region_class, args.image)
+        items = []
+        for lab in labs:
+            if lab.pixel_size_um is None and args.pixel_size:
+                lab.pixel_size_um = args.pixel_size
+            items += region_samples(lab, pixel_size_um)
+        source = f"qupath {Path(args.qupath).resolve()} class {args.region_class!r}"
+    else:
+        raise BridgeInputError("--omero adapting is not available in this version; use --qupath or --data")
+    n = sum(len(it.targets) if it.targets is not None else len(set(it.labels[it.labels > 0].tolist())) for it in items)
+    return items, source, n
+
+
+def run(args: argparse.Namespace) -> int:
+    from bridge.model.weights import derived_meta, load_model, resolve_device, save_weights, source_record
+    from bridge.train.adapt import AdaptConfig, adapt, summary_line
+
+    out = Path(args.out)
+    if out.suffix != ".pt":
+        raise BridgeInputError(f"--out must name a .pt file, not {out.name}")
+    if not out.parent.exists():
+        raise BridgeInputError(f"the folder of --out does not exist: {out.parent}")
+    if args.pixel_size is not None and args.pixel_size <= 0:
+        raise BridgeInputError(f"--pixel-size must be above 0, not {args.pixel_size}")
+    cfg = AdaptConfig(
+        minutes=args.minutes,
+        steps=args.steps,
+        lr=args.lr,
+        holdout=args.holdout,
+        seed=args.seed,
+        precision=args.precision,
+        threads=args.threads,
+        calibrate=args.calibrate,
+    )
+    device = resolve_device(args.device)
+    model, info = load_model(args.init)
+    items, source, n_nuclei = load_items(args, info.pixel_size_um)
+    ckpt = out.with_suffix(".ckpt")
+    result = adapt(model, info, items, cfg, ckpt, device, progress=sys.stderr.isatty())
+    print(summary_line(result), file=sys.stderr)
+    for name, a in result.after["per_image"].items():
+        b = result.before["per_image"][name]
+        print(
+            f"  {name}: {a['nuclei']} nuclei, AJI {b['aji']:.4f} -> {a['aji']:.4f}, PQ {b['pq']:.4f} -> {a['pq']:.4f}",
+            file=sys.stderr,
+        )
+    report = {
+        "out": str(out),
+        "written": False,
+        "source": source,
+        "nuclei": n_nuclei,
+        "before": result.before,
+        "after": result.after,
+        "threshold": result.threshold,
+        "steps": result.steps,
+        "minutes": round(result.seconds / 60, 2),
+    }
+    if not result.improved and not args.force:
+        print(json.dumps(report))
+        b, a = result.before["mean"], result.after["mean"]
+        raise BridgeInputError(
+            f"not written: the adapted weights do not beat the starting ones on the {a['nuclei']} held-back nuclei "
+            f"(AJI {b['aji']:.4f} -> {a['aji']:.4f}, PQ {b['pq']:.4f} -> {a['pq']:.4f}); outline more nuclei, "
+            "give it more --minutes, or keep it anyway with --force"
+        )
+    meta = derived_meta(
+        info,
+        adapted_from=source_record(args.init or "shipped", info),
+        adapt={
+            "date": dt.date.today().isoformat(),
+            "source": source,
+            "nuclei": n_nuclei,
+            "held_back": result.after["mean"]["nuclei"],
+            "before": result.before,
+            "after": result.after,
+            "steps": result.steps,
+            "minutes": round(result.seconds / 60, 2),
+            "interrupted": result.interrupted,
+            "threshold_search": result.thresholds,
+            "config": asdict(cfg),
+        },
+    )
+    meta.update(name=args.name or out.stem, threshold=result.threshold)
+    save_weights(out, result.model, meta)
+    ckpt.unlink(missing_ok=True)
+    report["written"] = True
+    print(json.dumps(report))
+    return 0
