@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 DATA ?= ../shared/data
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench clean proto
+.PHONY: install run test lint bench clean proto docs
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint install-omero java-test deploy-deps test-no-torch
+test: lint docs install-omero java-test deploy-deps test-no-torch
 	$(BIN)/python -m pytest -q
+
+# The documentation site (mkdocs.yml, docs/; the `docs` extra, part of the test extras) built into site/
+# (git-ignored). --strict: a broken link, a missing page or a page left out of the nav fails the build,
+# and `make test` runs it (never with --quiet: it hides the warnings that --strict counts).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: install
 	$(BIN)/python benchmarks/nuclei_per_second.py --data $(DATA)
@@ -41,7 +47,7 @@ proto: install
 	$(BIN)/python -m bridge.service.protogen
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
 
 # The OMERO connector (nuclick-bridge omero) needs omero-py, which needs zeroc-ice 3.6.5:
 # PyPI has only its source, which needs two fixes to build on Python 3.11.
