@@ -51,16 +51,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--region-class",
         default=DEFAULT_REGION_CLASS,
         metavar="NAME",
-        help="with --qupath: the class of the area annotations that mark complete regions "
-        f"(default: {DEFAULT_REGION_CLASS!r})",
+        help="the class of the QuPath area annotations (with --omero: the name of the ROIs) that mark complete "
+        f"regions (default: {DEFAULT_REGION_CLASS!r})",
     )
     p.add_argument(
         "--image",
         action="append",
         default=[],
-        metavar="NAME",
-        help="with --qupath: only this image entry (repeatable; default: every image with regions)",
+        metavar="NAME|ID",
+        help="with --qupath: only this image entry (repeatable; default: every image with regions); "
+        "with --omero: an image id (repeatable)",
     )
+    p.add_argument("--dataset", type=int, default=None, metavar="ID", help="with --omero: every image of this dataset")
+    p.add_argument("--project", type=int, default=None, metavar="ID", help="with --omero: every image of this project")
     p.add_argument(
         "--pixel-size",
         type=float,
@@ -98,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="write the file even when it does not beat its starting weights"
     )
     add_device_options(p, inference=False)
+    from bridge.commands.omero import add_login_arguments
+
+    add_login_arguments(p, required=False)
 
 
 def load_items(args: argparse.Namespace, pixel_size_um: float) -> tuple[list, str, int]:
@@ -112,21 +118,61 @@ def load_items(args: argparse.Namespace, pixel_size_um: float) -> tuple[list, st
         source = f"data {root.resolve()}" + (f" split {args.split}" if args.split else "")
     elif args.qupath:
         from bridge.connectors.qupath.paquo import open_project, project_file
-        from bridge.connectors.qupath.regions import project_regions
-        from bridge.io.regions import region_samples
 
-        project_file(args.qupath)
-        labs = project_regions(open_project(args.qupath, readonly=True), args.region_class, args.image)
-        items = []
+        project_file(args.qupath)  # a clear error before paquo starts Java
+        items = qupath_items(open_project(args.qupath, readonly=True), args, pixel_size_um)
+        source = f"qupath {Path(args.qupath).resolve()} class {args.region_class!r}"
+    else:
+        from bridge.commands.omero import connect_from_args
+
+        conn, hard = connect_from_args(args)
+        try:
+            items = omero_items(conn, args, pixel_size_um)
+        finally:
+            conn.close(hard=hard)
+        source = f"omero {args.host} ROIs named {args.region_class!r}"
+    n = sum(len(it.targets) if it.targets is not None else len(set(it.labels[it.labels > 0].tolist())) for it in items)
+    return items, source, n
+
+
+def _samples(labs: list, args: argparse.Namespace, pixel_size_um: float) -> list:
+    """The training images of every lab image's regions; each image's pixels are closed once read."""
+    from bridge.io.regions import region_samples
+
+    items = []
+    try:
         for lab in labs:
             if lab.pixel_size_um is None and args.pixel_size:
                 lab.pixel_size_um = args.pixel_size
             items += region_samples(lab, pixel_size_um)
-        source = f"qupath {Path(args.qupath).resolve()} class {args.region_class!r}"
-    else:
-        raise BridgeInputError("--omero adapting is not available in this version; use --qupath or --data")
-    n = sum(len(it.targets) if it.targets is not None else len(set(it.labels[it.labels > 0].tolist())) for it in items)
-    return items, source, n
+    finally:
+        for lab in labs:
+            lab.reader.close()
+    return items
+
+
+def qupath_items(project, args: argparse.Namespace, pixel_size_um: float) -> list:
+    """Training images from an opened QuPath project (paquo's, or its test double)."""
+    from bridge.connectors.qupath.regions import project_regions
+
+    return _samples(project_regions(project, args.region_class, args.image), args, pixel_size_um)
+
+
+def omero_items(conn, args: argparse.Namespace, pixel_size_um: float) -> list:
+    """Training images from a logged-in OMERO connection (BlitzGateway, or its test double)."""
+    from bridge.connectors.omero.gateway import image_ids
+    from bridge.connectors.omero.regions import omero_regions
+
+    try:
+        wanted = [int(i) for i in args.image]
+    except ValueError as exc:
+        raise BridgeInputError(f"with --omero, --image takes image ids (numbers), not {exc}") from exc
+    if not (wanted or args.dataset is not None or args.project is not None):
+        raise BridgeInputError("--omero needs the images: --image ID (repeatable), --dataset ID or --project ID")
+    ids = image_ids(conn, wanted, args.dataset, args.project)
+    if not ids:
+        raise BridgeInputError("no images to learn from (the dataset or project is empty)")
+    return _samples(omero_regions(conn, ids, args.region_class), args, pixel_size_um)
 
 
 def run(args: argparse.Namespace) -> int:

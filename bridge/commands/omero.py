@@ -31,12 +31,14 @@ class _RefusePassword(argparse.Action):
         )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_login_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The server and login flags, shared with ``adapt --omero`` (where --host
+    is checked when --omero is given, so ``required`` is False there)."""
     # No abbreviations: "--password X" must not silently become "--password-env X".
     p.allow_abbrev = False
-    g = p.add_argument_group("server and login (the password is never taken on the command line)")
+    g = p.add_argument_group("OMERO server and login (the password is never taken on the command line)")
     g.add_argument("--password", action=_RefusePassword, help=argparse.SUPPRESS)
-    g.add_argument("--host", required=True, help="OMERO server host name")
+    g.add_argument("--host", required=required, help="OMERO server host name")
     g.add_argument("--port", type=int, default=4064, help="OMERO server port (default: 4064)")
     g.add_argument("--user", default=None, help="OMERO user name (not needed with a session key)")
     g.add_argument(
@@ -56,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--session-key-env", default=None, metavar="VAR", help="environment variable that holds a session key"
     )
 
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_login_arguments(p)
     which = p.add_argument_group("images").add_mutually_exclusive_group(required=True)
     which.add_argument("--image", type=int, nargs="+", action="extend", metavar="ID", help="image id(s)")
     which.add_argument("--dataset", type=int, metavar="ID", help="every image of this dataset")
@@ -126,6 +131,27 @@ def _secret(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return password, None
 
 
+def import_gateway():
+    """The OMERO connector's gateway module, or one line on how to install omero-py."""
+    try:
+        from bridge.connectors.omero import gateway
+    except ImportError as exc:
+        raise BridgeInputError(f"the omero command needs omero-py ({exc}); {INSTALL_HINT}") from exc
+    return gateway
+
+
+def connect_from_args(args: argparse.Namespace) -> tuple[object, bool]:
+    """A logged-in connection from the login flags, and whether closing it
+    may end the session (not a joined one: that is the user's)."""
+    if not args.host:
+        raise BridgeInputError("--omero needs --host (and --user with the password in an environment variable)")
+    password, session_key = _secret(args)
+    conn = import_gateway().connect(
+        args.host, args.user, password, port=args.port, session_key=session_key, secure=True
+    )
+    return conn, session_key is None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_tile < 256:
         raise BridgeInputError("--max-tile must be at least 256")
@@ -133,10 +159,7 @@ def run(args: argparse.Namespace) -> int:
         raise BridgeInputError("--delete-timeout must be a positive number of seconds")
     check_server_options(args)  # a bad --server is one line before anything logs in
     password, session_key = _secret(args)
-    try:
-        from bridge.connectors.omero import gateway as omero_gateway
-    except ImportError as exc:
-        raise BridgeInputError(f"the omero command needs omero-py ({exc}); {INSTALL_HINT}") from exc
+    omero_gateway = import_gateway()
 
     def login():
         return omero_gateway.connect(

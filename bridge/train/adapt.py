@@ -382,6 +382,7 @@ def adapt(
     interrupted = False
     bar = tqdm(total=total, initial=state["step"], desc="adapting", unit="step", disable=not progress, mininterval=5)
     run_loss = 0.0
+    t_loop, first_step = time.monotonic(), state["step"]
     try:
         model.train()
         while state["step"] < total:
@@ -390,6 +391,12 @@ def adapt(
             run_loss = 0.95 * run_loss + 0.05 * loss if run_loss else loss
             bar.update(1)
             bar.set_postfix(loss=f"{run_loss:.3f}", refresh=False)
+            if not progress and state["step"] % max(1, total // 10) == 0:  # a log or a script: a line per tenth
+                done = state["step"] - first_step
+                eta = (total - state["step"]) * (time.monotonic() - t_loop) / max(1, done) / 60
+                log.info(
+                    "step %d of %d, loss %.3f, about %.1f min of training left", state["step"], total, run_loss, eta
+                )
             if state["step"] in check_at:
                 _check(state, ema.module, info, split, device, infer_precision, bar)
                 _checkpoint(ckpt, model, ema, opt, sched, state, cfg)

@@ -185,6 +185,19 @@ class ImageInfo:
     pixels_type: str
     pixels_id: int
     group_id: int
+    pixel_size_um: float | None = None  # mean of the physical X and Y sizes; None when not recorded
+
+
+def _pixel_size_um(img: Any) -> float | None:
+    """The image's physical pixel size in µm (any recorded length unit converted), or None."""
+    sizes = []
+    for get in (img.getPixelSizeX, img.getPixelSizeY):
+        length = get(units="MICROMETER")
+        value = None if length is None else float(length.getValue())
+        if value is None or not value > 0:
+            return None
+        sizes.append(value)
+    return sum(sizes) / 2
 
 
 def load_image(conn: Any, image_id: int) -> ImageInfo:
@@ -208,6 +221,7 @@ def load_image(conn: Any, image_id: int) -> ImageInfo:
         pixels_type=str(img.getPixelsType()),
         pixels_id=int(img.getPixelsId()),
         group_id=int(img.getDetails().group.id.val),
+        pixel_size_um=_pixel_size_um(img),
     )
     conn.SERVICE_OPTS.setOmeroGroup(info.group_id)
     return info

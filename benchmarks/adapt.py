@@ -1,0 +1,78 @@
+"""Adapting to a lab's outlines, measured where the lab cannot look: prints
+figures, asserts nothing.
+
+Runs ``nuclick-bridge adapt --data DATA --split adapt`` as its own process
+(wall time and peak memory of that process), then evaluates the shipped and
+the adapted weights on the lab's ``test`` split and on the other datasets'
+``val`` split (what the lab gives up elsewhere), with the same protocol as
+``nuclick-bridge evaluate --jitter 5 --seed 0``.
+
+    python benchmarks/adapt.py [--minutes 12] [--precision fp32] [--others monuseg,consep_tiles]
+    python benchmarks/adapt.py --adapted runs/lab.pt      # evaluate a file made before
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bridge.evaluation.datasets import load_split
+from bridge.evaluation.evaluate import evaluate
+from bridge.model.precision import PRECISIONS
+from bridge.nuclick.engine import NuClickEngine
+
+FIGURES = ("aji", "pq", "sq", "dq")
+
+
+def scores(weights: str | None, root: Path, split: str, precision: str) -> dict:
+    engine = NuClickEngine.load(weights, precision=precision)
+    report = evaluate(load_split(root, split), engine.segment, jitter=5.0, seed=0, progress=False)
+    return {k: round(float(report.summary[k]), 4) for k in FIGURES}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"), help="folder of the datasets")
+    ap.add_argument("--lab", default="cpm15_dev", help="the lab's dataset, with adapt and test splits (%(default)s)")
+    ap.add_argument("--others", default="monuseg,consep_tiles", help="datasets whose val split is reported too")
+    ap.add_argument("--minutes", type=float, default=None, help="adapt's --minutes (default: adapt's own default)")
+    ap.add_argument("--steps", type=int, default=0, help="adapt's --steps (default: fill the time budget)")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="for adapt and the evaluations")
+    ap.add_argument("--out", type=Path, default=Path("runs/adapt_benchmark.pt"), help="the adapted file")
+    ap.add_argument("--adapted", default=None, help="evaluate this adapted file instead of adapting")
+    args = ap.parse_args()
+
+    adapted = args.adapted
+    if adapted is None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "bridge.cli", "adapt", "--data", str(args.data / args.lab), "--split", "adapt"]
+        cmd += ["--out", str(args.out), "--precision", args.precision, "--steps", str(args.steps), "--force"]
+        if args.minutes is not None:
+            cmd += ["--minutes", str(args.minutes)]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        sys.stderr.write(done.stderr[-3000:])
+        if done.returncode != 0:
+            raise SystemExit(f"adapt failed ({done.returncode})")
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        print(json.dumps({"adapt_minutes": round(wall / 60, 2), "peak_rss_mb": round(peak_mb), **report["after"]["mean"]}))
+        print(f"held-back before {report['before']['mean']} after {report['after']['mean']}")
+        adapted = str(args.out)
+
+    rows = [(args.lab, "test")] + [(name, "val") for name in args.others.split(",") if name]
+    for name, split in rows:
+        before = scores(None, args.data / name, split, args.precision)
+        after = scores(adapted, args.data / name, split, args.precision)
+        delta = {k: round(after[k] - before[k], 4) for k in FIGURES}
+        print(json.dumps({"dataset": name, "split": split, "shipped": before, "adapted": after, "delta": delta}))
+
+
+if __name__ == "__main__":
+    main()
