@@ -62,7 +62,8 @@ def main() -> None:
         if done.returncode != 0:
             raise SystemExit(f"adapt failed ({done.returncode})")
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        print(json.dumps({"adapt_minutes": round(wall / 60, 2), "peak_rss_mb": round(peak_mb), **report["after"]["mean"]}))
+        run = {"adapt_minutes": round(wall / 60, 2), "peak_rss_mb": round(peak_mb), "steps": report["steps"]}
+        print(json.dumps({**run, "threshold": report["threshold"]}))
         print(f"held-back before {report['before']['mean']} after {report['after']['mean']}")
         adapted = str(args.out)
 

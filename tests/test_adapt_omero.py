@@ -13,15 +13,15 @@ import pytest
 if reason := omero_env.skip_reason():
     pytest.skip(reason, allow_module_level=True)
 
-from omero.model import LengthI, PointI, PolygonI, RectangleI, RoiI  # noqa: E402
-from omero.model.enums import UnitsLength  # noqa: E402
-from omero.rtypes import rdouble, rstring  # noqa: E402
-from support.omero_memory import InMemoryOmero  # noqa: E402
+from omero.model import LengthI, PointI, PolygonI, RectangleI, RoiI
+from omero.model.enums import UnitsLength
+from omero.rtypes import rdouble, rstring
 
-from bridge.commands.adapt import omero_items  # noqa: E402
-from bridge.connectors.omero.regions import polygon_vertices, split_shapes  # noqa: E402
-from bridge.errors import BridgeInputError  # noqa: E402
-from bridge.evaluation.clicks import instance_slices  # noqa: E402
+from bridge.commands.adapt import omero_items
+from bridge.connectors.omero.regions import polygon_vertices, split_shapes
+from bridge.errors import BridgeInputError
+from bridge.evaluation.clicks import instance_slices
+from support.omero_memory import InMemoryOmero
 
 
 def _polygon(mask: np.ndarray, offset: tuple[int, int]) -> PolygonI:
@@ -97,8 +97,7 @@ def test_omero_regions_become_training_images(server, crop_pair):
     assert sample.name.startswith("image 7 ")
 
 
-def test_omero_pixel_size_converts_units_and_missing_one_is_refused(server, crop_pair):
-    image, _ = crop_pair
+def test_omero_pixel_size_converts_units_and_missing_one_is_refused(server):
     conn = server.connect()
     from bridge.connectors.omero.gateway import load_image
 
@@ -115,7 +114,7 @@ def test_omero_pixel_size_converts_units_and_missing_one_is_refused(server, crop
 
 def test_omero_errors_are_one_line(server):
     conn = server.connect()
-    with pytest.raises(BridgeInputError, match="none of the 1 image.*named 'Lab'"):
+    with pytest.raises(BridgeInputError, match=r"none of the 1 image.*named 'Lab'"):
         omero_items(conn, _args(image=["7"], region_class="Lab"), 0.25)
     with pytest.raises(BridgeInputError, match="--image takes image ids"):
         omero_items(conn, _args(image=["slide.svs"]), 0.25)
