@@ -98,6 +98,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="keep the starting threshold instead of choosing one on the trained nuclei",
     )
     p.add_argument(
+        "--freeze-bn",
+        action="store_true",
+        help="keep the starting weights' BatchNorm statistics instead of learning the lab's (default: learn them)",
+    )
+    p.add_argument(
         "--force", action="store_true", help="write the file even when it does not beat its starting weights"
     )
     add_device_options(p, inference=False)
@@ -175,18 +180,13 @@ def omero_items(conn, args: argparse.Namespace, pixel_size_um: float) -> list:
     return _samples(omero_regions(conn, ids, args.region_class), args, pixel_size_um)
 
 
-def run(args: argparse.Namespace) -> int:
-    from bridge.model.weights import derived_meta, load_model, resolve_device, save_weights, source_record
-    from bridge.train.adapt import AdaptConfig, adapt, summary_line
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~bridge.train.adapt.AdaptConfig` the flags ask for."""
+    from bridge.train.adapt import AdaptConfig
 
-    out = Path(args.out)
-    if out.suffix != ".pt":
-        raise BridgeInputError(f"--out must name a .pt file, not {out.name}")
-    if not out.parent.exists():
-        raise BridgeInputError(f"the folder of --out does not exist: {out.parent}")
     if args.pixel_size is not None and args.pixel_size <= 0:
         raise BridgeInputError(f"--pixel-size must be above 0, not {args.pixel_size}")
-    cfg = AdaptConfig(
+    return AdaptConfig(
         minutes=args.minutes,
         steps=args.steps,
         lr=args.lr,
@@ -195,10 +195,35 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         threads=args.threads,
         calibrate=args.calibrate,
+        freeze_bn=args.freeze_bn,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from bridge.model.weights import load_model, resolve_device
+
+    out = Path(args.out)
+    if out.suffix != ".pt":
+        raise BridgeInputError(f"--out must name a .pt file, not {out.name}")
+    if not out.parent.exists():
+        raise BridgeInputError(f"the folder of --out does not exist: {out.parent}")
+    cfg = config_from_args(args)
     device = resolve_device(args.device)
     model, info = load_model(args.init)
     items, source, n_nuclei = load_items(args, info.pixel_size_um)
+    return adapt_and_write(args, cfg, (model, info), items, source, n_nuclei, device)
+
+
+def adapt_and_write(
+    args: argparse.Namespace, cfg, start: tuple, items: list, source: str, n_nuclei: int, device
+) -> int:
+    """Adapt ``start`` (network, info) on ``items``, report, and write --out
+    only when it beats the starting weights on the held-back nuclei (or --force)."""
+    from bridge.model.weights import derived_meta, save_weights, source_record
+    from bridge.train.adapt import adapt, summary_line
+
+    model, info = start
+    out = Path(args.out)
     ckpt = out.with_suffix(".ckpt")
     result = adapt(model, info, items, cfg, ckpt, device, progress=sys.stderr.isatty())
     print(summary_line(result), file=sys.stderr)
@@ -220,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
         "minutes": round(result.seconds / 60, 2),
     }
     if not result.improved and not args.force:
+        ckpt.unlink(missing_ok=True)  # the run is over: nothing to resume, nothing left behind
         print(json.dumps(report))
         b, a = result.before["mean"], result.after["mean"]
         raise BridgeInputError(

@@ -76,6 +76,7 @@ class AdaptConfig:
     jitter: float = 5.0
     drop_neighbour: float = 0.0
     calibrate: bool = True
+    freeze_bn: bool = False  # keep the BatchNorm statistics of the starting weights
     checks: int = 3  # measurements on the held-back nuclei during training (Ctrl-C keeps the best)
 
     def __post_init__(self) -> None:
@@ -360,7 +361,7 @@ def adapt(
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 1.0 if s >= cfg.warmup_steps else (s + 1) / cfg.warmup_steps
         )
-        model.train()
+        _train_mode(model, cfg.freeze_bn)
         t0 = time.monotonic()
         for _ in range(probe):
             step_once(state["step"])
@@ -384,7 +385,7 @@ def adapt(
     run_loss = 0.0
     t_loop, first_step = time.monotonic(), state["step"]
     try:
-        model.train()
+        _train_mode(model, cfg.freeze_bn)
         while state["step"] < total:
             loss = step_once(state["step"])
             state["step"] += 1
@@ -400,7 +401,7 @@ def adapt(
             if state["step"] in check_at:
                 _check(state, ema.module, info, split, device, infer_precision, bar)
                 _checkpoint(ckpt, model, ema, opt, sched, state, cfg)
-                model.train()
+                _train_mode(model, cfg.freeze_bn)
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted at step %d of %d: keeping the best measured so far", state["step"], total)
@@ -426,6 +427,16 @@ def adapt(
         thresholds=scores,
         interrupted=interrupted,
     )
+
+
+def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode; with ``freeze_bn`` the BatchNorm layers keep normalising
+    with the starting weights' statistics and do not update them."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _check(state: dict, model: nn.Module, info: ModelInfo, split: Split, device, precision, bar) -> None:
