@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from bridge.evaluation.datasets import load_split
 from bridge.evaluation.evaluate import evaluate
-from bridge.model.precision import PRECISIONS
+from bridge.model.precision import PRECISIONS, cpu_has_bf16
 from bridge.nuclick.engine import NuClickEngine
 
 FIGURES = ("aji", "pq", "sq", "dq")
@@ -43,7 +44,7 @@ def scores(weights: str | None, root: Path, split: str, precision: str) -> dict:
     return {k: round(float(report.summary[k]), 4) for k in FIGURES}
 
 
-def adapt_from_project(args: argparse.Namespace) -> None:
+def adapt_from_project(args: argparse.Namespace) -> dict:
     """``adapt --qupath`` on a project holding the lab's adapt split (in this process)."""
     import tempfile
 
@@ -92,7 +93,9 @@ def adapt_from_project(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     adapt_and_write(ns, cfg, (model, info), items, "qupath project (benchmark)", n, resolve_device("auto"))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"adapt_minutes": round((time.perf_counter() - t0) / 60, 2), "peak_rss_mb": round(peak_mb)}))
+    run = {"adapt_minutes": round((time.perf_counter() - t0) / 60, 2), "peak_rss_mb": round(peak_mb)}
+    print(json.dumps(run))
+    return run
 
 
 def main() -> None:
@@ -106,11 +109,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/adapt_benchmark.pt"), help="the adapted file")
     ap.add_argument("--adapted", default=None, help="evaluate this adapted file instead of adapting")
     ap.add_argument("--source", choices=("data", "qupath"), default="data", help="how adapt gets the nuclei")
+    ap.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file (the card's)")
     args = ap.parse_args()
+    record: dict = {"precision": args.precision, "bf16_cpu": cpu_has_bf16(), "cpus": os.cpu_count(), "rows": []}
 
     adapted = args.adapted
     if adapted is None and args.source == "qupath":
-        adapt_from_project(args)
+        record.update(adapt_from_project(args), source="qupath project")
         adapted = str(args.out)
     if adapted is None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +133,7 @@ def main() -> None:
         report = json.loads(done.stdout.strip().splitlines()[-1])
         run = {"adapt_minutes": round(wall / 60, 2), "peak_rss_mb": round(peak_mb), "steps": report["steps"]}
         print(json.dumps({**run, "threshold": report["threshold"]}))
+        record.update(run, threshold=report["threshold"], nuclei=report["nuclei"], held_back=report["after"]["mean"])
         print(f"held-back before {report['before']['mean']} after {report['after']['mean']}")
         adapted = str(args.out)
 
@@ -136,7 +142,11 @@ def main() -> None:
         before = scores(None, args.data / name, split, args.precision)
         after = scores(adapted, args.data / name, split, args.precision)
         delta = {k: round(after[k] - before[k], 4) for k in FIGURES}
-        print(json.dumps({"dataset": name, "split": split, "shipped": before, "adapted": after, "delta": delta}))
+        row = {"dataset": name, "split": split, "shipped": before, "adapted": after, "delta": delta}
+        print(json.dumps(row))
+        record["rows"].append(row)
+    if args.json is not None:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

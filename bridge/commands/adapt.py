@@ -272,7 +272,12 @@ def adapt_and_write(
     )
     meta.update(name=args.name or out.stem, threshold=result.threshold)
     save_weights(out, result.model, meta)
-    ckpt.unlink(missing_ok=True)
+    if result.interrupted:  # the same command again goes on from the last checkpoint
+        print(
+            f"interrupted: wrote the best weights so far; run the same command again to go on ({ckpt})", file=sys.stderr
+        )
+    else:
+        ckpt.unlink(missing_ok=True)
     report["written"] = True
     print(json.dumps(report))
     return 0

@@ -23,12 +23,13 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
@@ -55,6 +56,8 @@ THRESHOLDS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 HOLDOUT_BLOCK = 256
 # At least this many nuclei to train on and to measure on.
 MIN_TRAIN, MIN_HELD = 20, 5
+# The threshold is chosen on at most this many of the nuclei trained on.
+CALIBRATE_MAX = 400
 REPORTED = ("aji", "pq", "sq", "dq")
 
 
@@ -196,11 +199,15 @@ def measure_thresholds(
         wanted[scored] = True
         truth = it.labels if it.targets is None else np.where(np.isin(it.labels, list(it.targets)), it.labels, 0)
         counts.append(len(scored))
+        # only the scored nuclei and the neighbours whose masks they are resolved against need the network
+        todo = _within(xy, np.asarray(scored) - 1, engine.patch_size)
+        reader = ArrayReader(it.image)
         tape = _Tape(engine)
         for t in thresholds:
             engine.threshold = t
             with tape:
-                pred = engine.segment(ArrayReader(it.image), clicks).instance_map(*it.labels.shape)
+                masks = dict(engine.iter_patches(reader, clicks, todo))
+            pred = engine.finish(clicks, masks, {}).instance_map(*it.labels.shape)
             m = all_metrics(truth, np.where(wanted[pred], pred, 0))
             per[t][it.name] = {"nuclei": len(scored), **{k: round(float(m[k]), 4) for k in REPORTED}}
     w = np.asarray(counts, float)
@@ -209,6 +216,14 @@ def measure_thresholds(
         mean = {k: round(float(np.dot(w, [r[k] for r in rows.values()]) / w.sum()), 4) for k in REPORTED}
         out[t] = {"mean": {"nuclei": int(w.sum()), **mean}, "per_image": rows}
     return out
+
+
+def _within(xy: np.ndarray, chosen: np.ndarray, reach: float) -> list[int]:
+    """Indices of the clicks within ``reach`` px (Chebyshev) of a chosen one, the chosen included."""
+    if len(chosen) == 0:
+        return []
+    near = cKDTree(xy).query_ball_point(xy[chosen], r=reach, p=np.inf)
+    return sorted(set(int(k) for ks in near for k in ks))
 
 
 class _Tape:
@@ -244,9 +259,20 @@ def choose_threshold(model: nn.Module, info: ModelInfo, items: list[LabelledImag
     """The threshold with the best AJI on ``items`` (the nuclei trained on),
     with every threshold's AJI; ties go to the one nearest the model's."""
     engine = engine_for(model, info, device, precision, info.threshold)
-    scores = {t: m["mean"]["aji"] for t, m in measure_thresholds(engine, items, THRESHOLDS).items()}
+    scores = {
+        t: m["mean"]["aji"] for t, m in measure_thresholds(engine, _sample(items, CALIBRATE_MAX), THRESHOLDS).items()
+    }
     best = max(THRESHOLDS, key=lambda t: (scores[t], -abs(t - info.threshold)))
     return best, scores
+
+
+def _sample(items: list[LabelledImage], most: int) -> list[LabelledImage]:
+    """The same images with at most ``most`` of their targets, a deterministic choice."""
+    ranked = sorted((_unit_hash("calibrate", it.name, i), k, i) for k, it in enumerate(items) for i in it.targets or ())
+    keep: dict[int, set[int]] = {}
+    for _, k, i in ranked[:most]:
+        keep.setdefault(k, set()).add(i)
+    return [replace(items[k], targets=frozenset(ids)) for k, ids in sorted(keep.items())]
 
 
 # ------------------------------------------------------------------ training
@@ -337,7 +363,9 @@ def adapt(
     )
     # the time it takes to measure once, for the budget (the final measure, the threshold choice)
     t_measure = max(1.0, time.monotonic() - t_start) if not resumed else 5.0
-    reserve = t_measure * (2 + (2 * max(1.0, split.n_train / max(1, split.n_held)) if cfg.calibrate else 0))
+    # what is left to do after training, and the checks during it, in units of one measurement
+    calibrating = 1.5 * min(split.n_train, CALIBRATE_MAX) / max(1, split.n_held) if cfg.calibrate else 0.0
+    reserve = t_measure * (1 + cfg.checks + calibrating)
 
     def step_once(k: int) -> float:
         rng = np.random.default_rng((cfg.seed, k))
