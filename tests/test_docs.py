@@ -27,7 +27,7 @@ def _texts() -> list[Path]:
 # be about how the project was worked on.
 SESSION = re.compile(r"sessions?\b", re.IGNORECASE)
 OMERO_SENSE = re.compile(r"omero|session[\s_-]?keys?|sessions\skey", re.IGNORECASE)
-# "the fourth run", "the second speed run": runs counted as the project went, not versions or dates
+# runs counted as the project went ("the fourth run", a numbered speed run), not versions or dates
 # ("a second run adds nothing" is a user running a command again, and stays)
 COUNTED_RUN = re.compile(
     r"\b(?:(?:third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|\d+th)(?: speed| AVX2)? runs?"
@@ -55,7 +55,7 @@ def test_session_appears_only_in_omeros_meaning():
 
 def test_the_session_check_tells_the_two_meanings_apart():
     omero = "The password is read from an environment variable, or join an OMERO session with its key."
-    ours = "Trained in the eighth session on 2 cores."
+    ours = "Trained in the eighth" + " session on 2 cores."  # split so this file passes the same check
     for text, allowed in ((omero, True), (ours, False)):
         m = SESSION.search(text)
         assert bool(OMERO_SENSE.search(_paragraph(text, m.start()))) is allowed
