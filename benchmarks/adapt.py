@@ -11,6 +11,10 @@ the adapted weights on the lab's ``test`` split and on the other datasets'
     python benchmarks/adapt.py --adapted runs/lab.pt      # evaluate a file made before
     python benchmarks/adapt.py --source qupath             # the same nuclei as a QuPath project
 
+``--partial SHARE`` (with ``--source qupath``) makes labels partial, as in a
+lab: regions cover half of each image as a 256 px checkerboard, and only
+SHARE of the nuclei outside them are outlined.
+
 ``--source qupath`` gives adapt the same images and nuclei as a QuPath
 project: one ``NuClick training`` region over each whole image and every
 nucleus as a detection (its exact pixel outline), through the project
@@ -69,19 +73,27 @@ def adapt_from_project(args: argparse.Namespace) -> dict:
         uri = (tmp / f"{item.name}.png").as_uri()
         Image.fromarray(item.image).save(tmp / f"{item.name}.png")
         h, w = item.labels.shape
-        region = {
-            "type": "Feature",
-            "geometry": mapping(box(0, 0, w, h)),
-            "properties": {"classification": {"name": "NuClick training"}},
-        }
+        if args.partial is None:  # one region over the whole image
+            boxes = [box(0, 0, w, h)]
+        else:  # the squares of a 256 px checkerboard: half the image complete, half partly outlined
+            cells = [(x, y) for y in range(0, h, 256) for x in range(0, w, 256) if (x // 256 + y // 256) % 2 == 0]
+            boxes = [box(x, y, min(w, x + 256), min(h, y + 256)) for x, y in cells]
+        regions = [
+            {"type": "Feature", "geometry": mapping(b), "properties": {"classification": {"name": "NuClick training"}}}
+            for b in boxes
+        ]
+        complete = shapely.union_all(boxes)
+        rng = np.random.default_rng(0)
         nuclei = []
         for i, (sr, sc) in instance_slices(item.labels).items():
             rows, cols = np.nonzero(item.labels[sr, sc] == i)
             outline = shapely.union_all(
                 shapely.box(cols + sc.start, rows + sr.start, cols + sc.start + 1, rows + sr.start + 1)
             )
+            if not outline.intersects(complete) and rng.random() >= (args.partial or 0.0):
+                continue  # outside every region and not outlined
             nuclei.append({"type": "Feature", "geometry": mapping(outline), "properties": {"objectType": "detection"}})
-        entries.append(MemoryEntry(item.name, uri, annotations=[region], detections=nuclei, metadata=cal))
+        entries.append(MemoryEntry(item.name, uri, annotations=regions, detections=nuclei, metadata=cal))
     project = MemoryProject(tmp / "project", entries)
     cli = ["adapt", "--qupath", str(tmp / "project"), "--out", str(args.out), "--precision", args.precision]
     cli += ["--steps", str(args.steps), "--force"] + (["--minutes", str(args.minutes)] if args.minutes else [])
@@ -109,6 +121,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/adapt_benchmark.pt"), help="the adapted file")
     ap.add_argument("--adapted", default=None, help="evaluate this adapted file instead of adapting")
     ap.add_argument("--source", choices=("data", "qupath"), default="data", help="how adapt gets the nuclei")
+    ap.add_argument(
+        "--partial",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="with --source qupath: regions only on a 256 px checkerboard, and this share of the nuclei outside "
+        "them outlined (the rest left for unknown), to measure what outlines outside regions give",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file (the card's)")
     args = ap.parse_args()
     record: dict = {"precision": args.precision, "bf16_cpu": cpu_has_bf16(), "cpus": os.cpu_count(), "rows": []}

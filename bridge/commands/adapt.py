@@ -17,7 +17,8 @@ from bridge.commands.common import add_device_options
 from bridge.errors import BridgeInputError
 
 DEFAULT_REGION_CLASS = "NuClick training"
-DEFAULT_MINUTES = 12.0
+DEFAULT_MINUTES = 14.0
+SHOWN_IMAGES = 20  # per-image (per-region) lines printed; the JSON report has them all
 
 DESCRIPTION = (
     "Teach the network your lab's own outlines. Start from the shipped weights (or --init FILE) and fine-tune "
@@ -227,12 +228,15 @@ def adapt_and_write(
     ckpt = out.with_suffix(".ckpt")
     result = adapt(model, info, items, cfg, ckpt, device, progress=sys.stderr.isatty())
     print(summary_line(result), file=sys.stderr)
-    for name, a in result.after["per_image"].items():
+    shown = list(result.after["per_image"].items())
+    for name, a in shown[:SHOWN_IMAGES]:
         b = result.before["per_image"][name]
         print(
             f"  {name}: {a['nuclei']} nuclei, AJI {b['aji']:.4f} -> {a['aji']:.4f}, PQ {b['pq']:.4f} -> {a['pq']:.4f}",
             file=sys.stderr,
         )
+    if len(shown) > SHOWN_IMAGES:
+        print(f"  ... and {len(shown) - SHOWN_IMAGES} more (every one in the JSON line below)", file=sys.stderr)
     report = {
         "out": str(out),
         "written": False,

@@ -63,7 +63,7 @@ REPORTED = ("aji", "pq", "sq", "dq")
 
 @dataclass
 class AdaptConfig:
-    minutes: float = 12.0  # the whole run: measuring, training, choosing the threshold, measuring again
+    minutes: float = 14.0  # the whole run: measuring, training, choosing the threshold, measuring again
     steps: int = 0  # 0: as many as the time budget allows; >0: exactly this many (repeatable)
     max_steps: int = 1200  # cap of a time-budgeted run, for fast machines
     lr: float = 3e-4
@@ -329,7 +329,7 @@ def adapt(
     model = prepare(model, device)
     ema = AveragedModel(model, multi_avg_fn=partial(ema_update, decay=cfg.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    state: dict = {"step": 0, "total": cfg.steps, "fingerprint": fingerprint, "best": None, "spent": 0.0}
+    state: dict = {"step": 0, "total": cfg.steps, "fingerprint": fingerprint, "best": None}
     resumed = False
     if ckpt.is_file():
         blob = torch.load(ckpt, map_location="cpu", weights_only=False)
