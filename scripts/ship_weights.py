@@ -206,15 +206,15 @@ def _adapting_words(bench: dict | None) -> str:
         for r in bench["rows"]
     )
     precision = bench["precision"] if bench["precision"] != "auto" else ("bf16" if bench["bf16_cpu"] else "fp32")
+    n = bench["nuclei"]
+    run = f"{bench['adapt_minutes']:.1f} min on {bench['cpus']} CPU cores in {precision} (peak "
+    run += f"{bench['peak_rss_mb'] / 1024:.1f} GB, threshold {bench['threshold']:.2f})"
     return f"""## Adapting it to a lab's outlines
 
-`nuclick-bridge adapt` fine-tunes these weights on nuclei a lab has corrected, in QuPath, OMERO or a folder of
-labels ([docs/adapt.md](../../docs/adapt.md)); the new file is written only when it beats these weights on a
-held-back fifth of the lab's nuclei. Measured on `cpm15_dev` (MICCAI 2015 challenge images, a lab these weights
-never saw, whose annotators draw looser outlines): adapting on its `adapt` images ({bench["nuclei"]} nuclei) took
-{bench["adapt_minutes"]:.1f} minutes on {bench["cpus"]} CPU cores in {precision} (peak memory
-{bench["peak_rss_mb"] / 1024:.1f} GB) and chose threshold {bench["threshold"]:.2f}. Tested on images it did not
-see, and on the other datasets (what an adapted file gives up elsewhere: it is for its own lab):
+`nuclick-bridge adapt` fine-tunes these weights on a lab's corrected nuclei ([docs/adapt.md](../../docs/adapt.md)).
+On `cpm15_dev` (a 2015 challenge lab these weights never saw, with looser outlines), adapting on {n} nuclei took
+{run}; tested on images it
+did not see, and elsewhere (an adapted file is for its own lab):
 
 | data | AJI shipped | AJI adapted | change | PQ shipped | PQ adapted | change |
 |---|---|---|---|---|---|---|

@@ -99,6 +99,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="keep the starting threshold instead of choosing one on the trained nuclei",
     )
     p.add_argument(
+        "--augment",
+        choices=("standard", "strong"),
+        default="standard",
+        help="training augmentation: standard (default), or strong = wider scale and stain jitter",
+    )
+    p.add_argument(
         "--freeze-bn",
         action="store_true",
         help="keep the starting weights' BatchNorm statistics instead of learning the lab's (default: learn them)",
@@ -197,6 +203,7 @@ def config_from_args(args: argparse.Namespace):
         threads=args.threads,
         calibrate=args.calibrate,
         freeze_bn=args.freeze_bn,
+        augment=args.augment,
     )
 
 
