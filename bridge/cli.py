@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Callable
 
 from bridge import __version__
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "adapt",
         help="teach the network your lab's outlines from nuclei you corrected (QuPath, OMERO or a folder)",
-        description=ADAPT_DESCRIPTION,
+        description=textwrap.fill(ADAPT_DESCRIPTION, 100),
         epilog=ADAPT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
