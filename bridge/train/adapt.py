@@ -39,14 +39,14 @@ from bridge.evaluation.clicks import instance_slices, simulate_clicks
 from bridge.evaluation.datasets import LabelledImage
 from bridge.evaluation.metrics import all_metrics
 from bridge.io.imageio import ArrayReader
-from bridge.model.precision import as_input, autocast, prepare, resolve_precision
+from bridge.model.precision import prepare, resolve_precision
 from bridge.model.weights import ModelInfo
 from bridge.nuclick.engine import NuClickEngine
 from bridge.results import Click
 from bridge.train.augment import AUGMENT_POLICIES
 from bridge.train.data import NucleusPatches
-from bridge.train.loop import ema_update, lr_factor
-from bridge.train.loss import LOSSES, training_loss
+from bridge.train.loop import ema_update, lr_factor, train_step
+from bridge.train.loss import LOSSES
 
 log = logging.getLogger("bridge.adapt")
 
@@ -370,17 +370,8 @@ def adapt(
     def step_once(k: int) -> float:
         rng = np.random.default_rng((cfg.seed, k))
         batch = [ds[int(i)] for i in rng.integers(0, len(ds), cfg.batch_size)]
-        x, y, w = (torch.stack(t) for t in zip(*batch, strict=True))
-        x, y, w = as_input(x, device), y.to(device), w.to(device)
-        with autocast(device, precision):
-            logits = model(x)
-        loss = training_loss(cfg.loss, logits.float(), y, w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        ema.update_parameters(model)
-        return float(loss.item())
+        stacked = tuple(torch.stack(t) for t in zip(*batch, strict=True))
+        return train_step(model, ema, opt, sched, stacked, device, precision, cfg.loss)
 
     # the schedule's length: fixed by --steps, else from the first steps' pace and the time left
     probe = 3

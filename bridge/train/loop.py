@@ -128,6 +128,22 @@ def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_av
         torch._foreach_copy_(averaged, current)
 
 
+def train_step(model, ema, opt, sched, batch, device, precision: str, loss_name: str) -> float:
+    """One optimiser step on ``batch`` (inputs, targets, weights), then the
+    schedule and the moving average (``ema`` may be None); returns the loss."""
+    x, y, w = (as_input(batch[0], device), batch[1].to(device), batch[2].to(device))
+    with autocast(device, precision):
+        logits = model(x)
+    loss = training_loss(loss_name, logits.float(), y, w)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    if ema is not None:
+        ema.update_parameters(model)
+    return float(loss.item())
+
+
 def _checkpoint(path: Path, model, ema, opt, sched, state: dict, cfg: TrainConfig) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
@@ -278,19 +294,10 @@ def train(
         )
         run_loss, t0 = 0.0, time.time()
         for x, y, w in bar:
-            x, y, w = as_input(x, device), y.to(device), w.to(device)
-            with autocast(device, precision):
-                logits = model(x)
-            loss = training_loss(cfg.loss, logits.float(), y, w)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            loss = train_step(model, ema, opt, sched, (x, y, w), device, precision, cfg.loss)
             state["step"] += 1
             state["step_in_epoch"] += 1
-            run_loss = 0.98 * run_loss + 0.02 * loss.item() if run_loss else loss.item()
+            run_loss = 0.98 * run_loss + 0.02 * loss if run_loss else loss
             bar.set_postfix(loss=f"{run_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
             if state["step_in_epoch"] % cfg.checkpoint_every == 0:
                 _checkpoint(ckpt_path, model, ema, opt, sched, state, cfg)
