@@ -17,7 +17,6 @@ Torch-free: loading a weights file is the ``load`` callable's business.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import threading
@@ -28,6 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from bridge.errors import BridgeInputError
+from bridge.model.weights import file_sha256
 from bridge.service.batching import Batcher
 
 log = logging.getLogger("bridge.service")
@@ -44,14 +44,6 @@ def check_name(name: str, what: str = "model name") -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise BridgeInputError(f"{what} {name!r} is not a valid model name ({NAME_RULE})")
     return name
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(eq=False)
@@ -263,7 +255,7 @@ class ModelSet:
                     "(by 'default' or serve --weights NAME=FILE); rename the file"
                 )
             try:
-                sha = _sha256(path)
+                sha = file_sha256(path)
             except OSError as exc:
                 raise BridgeInputError(f"cannot read {path}: {exc.strerror or exc}") from None
             old = previous.get(name)

@@ -45,7 +45,7 @@ from bridge.nuclick.engine import NuClickEngine
 from bridge.results import Click
 from bridge.train.augment import AUGMENT_POLICIES
 from bridge.train.data import NucleusPatches
-from bridge.train.loop import ema_update, lr_factor, train_step
+from bridge.train.loop import ema_update, lr_factor, save_checkpoint, train_step
 from bridge.train.loss import LOSSES
 
 log = logging.getLogger("bridge.adapt")
@@ -294,14 +294,6 @@ class AdaptResult:
         return self.after["mean"]["aji"] > self.before["mean"]["aji"]
 
 
-def _checkpoint(path: Path, model, ema, opt, sched, state: dict, cfg: AdaptConfig) -> None:
-    tmp = path.with_suffix(".tmp")
-    blob = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
-    blob.update(sched=sched.state_dict(), state=state, config=asdict(cfg))
-    torch.save(blob, tmp)
-    tmp.replace(path)
-
-
 def adapt(
     model: nn.Module,
     info: ModelInfo,
@@ -375,11 +367,8 @@ def adapt(
 
     # the schedule's length: fixed by --steps, else from the first steps' pace and the time left
     probe = 3
-    sched = None
-    if state["total"] == 0:
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 1.0 if s >= cfg.warmup_steps else (s + 1) / cfg.warmup_steps
-        )
+    if state["total"] == 0:  # the probe steps are inside the warm-up, whatever the total turns out to be
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=cfg.warmup_steps, total=cfg.max_steps))
         _train_mode(model, cfg.freeze_bn)
         t0 = time.monotonic()
         for _ in range(probe):
@@ -390,9 +379,7 @@ def adapt(
         state["total"] = int(min(cfg.max_steps, max(probe + 10, left / per_step)))
         log.info("%.2f s per step: %d steps fit the %.0f-minute budget", per_step, state["total"], cfg.minutes)
     total = state["total"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, partial(lr_factor, warmup=cfg.warmup_steps, total=total), last_epoch=-1
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=cfg.warmup_steps, total=total))
     if resumed and "sched" in blob:
         sched.load_state_dict(blob["sched"])
     else:
@@ -419,7 +406,7 @@ def adapt(
                 )
             if state["step"] in check_at:
                 _check(state, ema.module, info, split, device, infer_precision, bar)
-                _checkpoint(ckpt, model, ema, opt, sched, state, cfg)
+                save_checkpoint(ckpt, model, ema, opt, sched, state, cfg)
                 _train_mode(model, cfg.freeze_bn)
     except KeyboardInterrupt:
         interrupted = True
@@ -430,7 +417,7 @@ def adapt(
     if interrupted and state.get("best_state") is not None:
         final.load_state_dict(state["best_state"])
     if not interrupted:
-        _checkpoint(ckpt, model, ema, opt, sched, state, cfg)
+        save_checkpoint(ckpt, model, ema, opt, sched, state, cfg)
     threshold, scores = info.threshold, {}
     if cfg.calibrate and not interrupted:
         threshold, scores = choose_threshold(final, info, split.train, device, infer_precision)

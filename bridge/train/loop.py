@@ -144,7 +144,9 @@ def train_step(model, ema, opt, sched, batch, device, precision: str, loss_name:
     return float(loss.item())
 
 
-def _checkpoint(path: Path, model, ema, opt, sched, state: dict, cfg: TrainConfig) -> None:
+def save_checkpoint(path: Path, model, ema, opt, sched, state: dict, cfg) -> None:
+    """Everything a run resumes from (``cfg``: its config dataclass), written
+    whole or not at all; ``ema`` may be None."""
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
@@ -300,7 +302,7 @@ def train(
             run_loss = 0.98 * run_loss + 0.02 * loss if run_loss else loss
             bar.set_postfix(loss=f"{run_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
             if state["step_in_epoch"] % cfg.checkpoint_every == 0:
-                _checkpoint(ckpt_path, model, ema, opt, sched, state, cfg)
+                save_checkpoint(ckpt_path, model, ema, opt, sched, state, cfg)
         bar.close()
         model.eval()
         shipped.eval()
@@ -335,6 +337,6 @@ def train(
             log.info("new best mean val AJI %.4f -> wrote %s", mean_aji, out)
         state["epoch"] += 1
         state["step_in_epoch"] = 0
-        _checkpoint(ckpt_path, model, ema, opt, sched, state, cfg)
+        save_checkpoint(ckpt_path, model, ema, opt, sched, state, cfg)
         model.train()
     return state
