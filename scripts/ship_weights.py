@@ -124,10 +124,26 @@ def _config_words(config: dict | None) -> str:
     return " (" + ", ".join(w for w in words if w) + ")"
 
 
+# Folders at the top of the repository that training reads from or writes to.
+_TOP = frozenset({"bridge", "runs", "scripts", "benchmarks"})
+
+
 def _shown(path: str) -> str:
-    """A path as the card shows it: relative to the repository when inside it."""
+    """A path as the card shows it: relative to the repository when inside it.
+
+    Weights record absolute paths from the checkout they were trained in, which
+    need not be this one (CI clones elsewhere), so the path is cut at its first
+    top-level folder of the repository rather than at this checkout's root."""
     p = Path(path)
-    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else path
+    if not p.is_absolute():
+        return path
+    if p.is_relative_to(ROOT):
+        return str(p.relative_to(ROOT))
+    parts = p.parts
+    for i, part in enumerate(parts):
+        if part in _TOP:
+            return str(Path(*parts[i:]))
+    return path
 
 
 def _training_words(meta: dict, told: set[str] | None = None) -> str:
