@@ -1,9 +1,9 @@
 """HTTP/JSON gateway: the gRPC methods for clients that cannot link gRPC
-(QuPath scripts, the QuPath extension, curl).
+(QuPath scripts, the QuPath extension, curl), served by uvicorn.
 
 Bodies use the proto3 JSON mapping (``google.protobuf.json_format``): field
 names in lowerCamelCase (snake_case is accepted too), ``bytes`` as base64,
-enums by name.  Routes:
+enums by name.  Routes (described for machines in ``GET /openapi.json``):
 
     GET  /v1/model          -> GetModelInfoResponse
     POST /v1/segment        SegmentRequest -> SegmentResponse
@@ -13,37 +13,62 @@ enums by name.  Routes:
     GET  /healthz           {"status": "SERVING"} (503 while shutting down)
     GET  /metrics           Prometheus' text format (bridge.service.metrics); it needs
                             the token like /v1/*, and still answers while draining
+    GET  /openapi.json      the OpenAPI 3.1 description of these routes (no token)
 
 Errors carry the gRPC status name and the same message as over gRPC:
 ``{"code": "INVALID_ARGUMENT", "message": "..."}`` with the HTTP status of
 :data:`bridge.service.convert.HTTP_STATUS` (413 for a body or tile over the
-size limits).  ``Authorization: Bearer <token>`` is checked as on gRPC.
+size limits); every error is in that form, a malformed request line included.
+``Authorization: Bearer <token>`` is checked as on gRPC.
+
+Order of work for a request: the route and the token are checked from the
+head alone; then the whole body is read under one deadline
+(``body_timeout``); only then does the request wait for the network.  A
+client that stalls or trickles therefore holds a socket and a coroutine,
+never a compute thread, and nobody else waits for it.  The connection-level
+bounds (open connections, time to send a request head, TLS) are in
+:mod:`bridge.service.http_protocol`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import math
+import os
+import socket
 import ssl
-import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
+import uvicorn
 from google.protobuf import json_format
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
 from bridge.errors import BridgeInputError
 from bridge.service.auth import TokenCheck
 from bridge.service.convert import HTTP_STATUS, ServiceError
 from bridge.service.core import INTERNAL_STREAM, SegmentService, log_event
 from bridge.service.gen import nuclick_pb2 as pb
+from bridge.service.http_protocol import BoundedH11Protocol, ConnectionLimits, error_bytes, peer_name
 from bridge.service.metrics import CONTENT_TYPE_LATEST
+from bridge.service.openapi import openapi_document
 
 log = logging.getLogger("bridge.service.http")
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
+SHUTTING_DOWN = "the server is shutting down"
 
 
 def to_json(msg) -> bytes:
@@ -57,299 +82,19 @@ def parse_request(body: bytes | str) -> pb.SegmentRequest:
         raise ServiceError("INVALID_ARGUMENT", f"request body is not a SegmentRequest in JSON: {exc}") from None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    gateway: HttpGateway
-    handshake_timeout = 30.0  # seconds a client gets to finish the TLS handshake
-
-    def finish_request(self, request, client_address) -> None:
-        """The TLS handshake, in the connection's own thread, before HTTP: a
-        client that speaks plain HTTP to this port, distrusts our certificate
-        or stalls is one "tls handshake failed" log line with its peer, not a
-        traceback on stderr."""
-        if isinstance(request, ssl.SSLSocket):
-            request.settimeout(self.handshake_timeout)
-            try:
-                request.do_handshake()
-            except (ssl.SSLError, OSError) as exc:
-                log_event(
-                    "tls handshake failed",
-                    logging.WARNING,
-                    port="http",
-                    peer=_peer(client_address),
-                    reason=_handshake_reason(exc),
-                )
-                return
-        super().finish_request(request, client_address)
-
-    def handle_error(self, request, client_address) -> None:
-        """Anything else a connection raised outside our handlers (a reset
-        mid-request, say): one log line with the peer, not socketserver's
-        traceback on stderr."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError, ssl.SSLError)):
-            log_event("http connection dropped", logging.INFO, peer=_peer(client_address), reason=str(exc))
-            return
-        log.error("http connection failed", exc_info=True, extra={"fields": {"peer": _peer(client_address)}})
+class _Close(Exception):
+    """Marks a ServiceError after which the connection must be closed (its body stays unread)."""
 
 
-def _peer(client_address) -> str:
-    """The peer as gRPC names it (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``), for one vocabulary in the log."""
-    host, port = client_address[0], client_address[1]
-    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
-
-
-def _handshake_reason(exc: BaseException) -> str:
-    """OpenSSL's reason in a few words (``HTTP_REQUEST``: plain HTTP sent to the TLS port;
-    ``TLSV1_ALERT_UNKNOWN_CA``: the client does not trust our certificate)."""
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.strerror or exc.reason)
-    if isinstance(exc, TimeoutError):
-        return "the client did not finish the handshake in time"
-    return str(exc) or type(exc).__name__
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "nuclick-bridge"
-    timeout = 60  # seconds a client may stall mid-request
-    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
-    _body_read = False  # whether this request's body was consumed (see _settle_body)
-
-    def log_message(self, format: str, *args) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-    # ------------------------------------------------------------ replies
-
-    def _send(self, status: int, body: bytes, content_type: str = JSON) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _error(self, exc: ServiceError) -> None:
-        self._settle_body()
-        status = exc.http_status or HTTP_STATUS.get(exc.code, 500)
-        body = json.dumps({"code": exc.code, "message": exc.message}).encode("utf-8")
-        self._send(status, body)
-
-    def _settle_body(self) -> None:
-        """Before an early error reply (401, 404, ...): read and drop the request
-        body that nobody read, so the next request on this kept-alive connection
-        starts where the client put it; a body that cannot be read (chunked,
-        over the limit, cut short) closes the connection instead."""
-        if self._body_read or self.close_connection:
-            return
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            return
-        if length is None:
-            return  # no body
-        try:
-            left = int(length)
-        except ValueError:
-            self.close_connection = True
-            return
-        if left < 0 or left > self.server.gateway.max_body:
-            self.close_connection = True
-            return
-        while left > 0:
-            got = self.rfile.read(min(left, 1 << 20))
-            if not got:
-                self.close_connection = True
-                return
-            left -= len(got)
-        self._body_read = True
-
-    # ----------------------------------------------------------- requests
-
-    def _content_length(self) -> int:
-        """The request body's declared size; a body we cannot delimit closes the connection."""
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
-            self.close_connection = True
-            raise ServiceError("INVALID_ARGUMENT", "send the body with a Content-Length header", http_status=411)
-        try:
-            n = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise ServiceError("INVALID_ARGUMENT", f"bad Content-Length {length!r}") from None
-        if n < 0:
-            self.close_connection = True
-            raise ServiceError("INVALID_ARGUMENT", f"bad Content-Length {length!r}")
-        return n
-
-    def _body(self) -> bytes:
-        gw = self.server.gateway
-        n = self._content_length()
-        if n > gw.max_body:
-            self.close_connection = True  # the body stays unread
-            raise ServiceError(
-                "RESOURCE_EXHAUSTED",
-                f"request body of {n} bytes is over the limit of {gw.max_body} bytes: send smaller tiles",
-                http_status=413,
-            )
-        data = self.rfile.read(n)
-        if len(data) != n:
-            self.close_connection = True
-            raise ServiceError("INVALID_ARGUMENT", f"request body ended after {len(data)} of {n} bytes")
-        self._body_read = True
-        return data
-
-    def _stream_body(self, n: int) -> tempfile.SpooledTemporaryFile:
-        """The ``n``-byte NDJSON body, read in full before answering (a client may
-        send it all before it reads), into memory up to the size limit and into a
-        temporary file beyond.  The limit applies to each line (one message, as on
-        gRPC), not to the whole stream."""
-        limit = self.server.gateway.max_body
-        spool = tempfile.SpooledTemporaryFile(max_size=limit)  # noqa: SIM115 (the caller closes it)
-        left = n
-        try:
-            while left > 0:
-                line = self.rfile.readline(min(left, limit + 2))
-                if not line:
-                    self.close_connection = True
-                    raise ServiceError("INVALID_ARGUMENT", f"request body ended after {n - left} of {n} bytes")
-                left -= len(line)
-                if len(line.rstrip(b"\r\n")) > limit:
-                    self.close_connection = True  # the rest stays unread
-                    raise ServiceError(
-                        "RESOURCE_EXHAUSTED",
-                        f"a line of the stream is over the limit of {limit} bytes per message: send smaller tiles",
-                        http_status=413,
-                    )
-                spool.write(line if line.endswith(b"\n") else line + b"\n")
-        except BaseException:
-            spool.close()
-            raise
-        self._body_read = True
-        spool.seek(0)
-        return spool
-
-    def _authorize(self) -> None:
-        reason = self.server.gateway.tokens.check(self.headers.get("Authorization"))
-        if reason is not None:
-            raise ServiceError("UNAUTHENTICATED", reason)
-
-    def _dispatch(self, method: str) -> None:
-        gw = self.server.gateway
-        path = self.path.split("?", 1)[0]
-        routes = {
-            ("GET", "/v1/model"): self._model,
-            ("POST", "/v1/segment"): self._segment,
-            ("POST", "/v1/segmentStream"): self._stream,
-            ("GET", "/healthz"): self._health,
-            ("GET", "/metrics"): self._metrics,
-        }
-        handler = routes.get((method, path))
-        if handler is None:
-            known = {p for _, p in routes}
-            if path in known:
-                raise ServiceError("UNIMPLEMENTED", f"{method} is not allowed on {path}", http_status=405)
-            raise ServiceError("NOT_FOUND", f"no such route: {method} {path}")
-        if path != "/healthz":
-            if gw.refusing and path != "/metrics":  # a draining replica can still be watched
-                self.close_connection = True
-                raise ServiceError("UNAVAILABLE", "the server is shutting down")
-            self._authorize()
-        handler()
-
-    def _run(self, method: str) -> None:
-        gw = self.server.gateway
-        self._body_read = False
-        if not gw.enter():
-            self.close_connection = True
-            self._error(ServiceError("RESOURCE_EXHAUSTED", "too many HTTP requests at once; retry later"))
-            return
-        try:
-            self._dispatch(method)
-        except ServiceError as exc:
-            self._error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception:
-            log.exception("HTTP %s %s failed", method, self.path)
-            self.close_connection = True
-            self._error(ServiceError("INTERNAL", "internal error; see the server log"))
-        finally:
-            gw.leave()
-
-    def do_GET(self) -> None:
-        self._run("GET")
-
-    def do_POST(self) -> None:
-        self._run("POST")
-
-    def do_PUT(self) -> None:
-        self._run("PUT")
-
-    def do_DELETE(self) -> None:
-        self._run("DELETE")
-
-    # ------------------------------------------------------------- routes
-
-    def _health(self) -> None:
-        gw = self.server.gateway
-        status = "NOT_SERVING" if gw.refusing else "SERVING"
-        self._send(503 if gw.refusing else 200, json.dumps({"status": status}).encode())
-
-    def _metrics(self) -> None:
-        self._send(200, self.server.gateway.service.metrics.render(), CONTENT_TYPE_LATEST)
-
-    def _model(self) -> None:
-        self._send(200, to_json(self.server.gateway.service.model_info()))
-
-    def _segment(self) -> None:
-        req = parse_request(self._body())
-        cancel = threading.Event()
-        resp = self.server.gateway.service.segment(req, cancel)
-        self._send(200, to_json(resp))
-
-    def _stream(self) -> None:
-        gw = self.server.gateway
-        body = self._stream_body(self._content_length())
-        try:
-            gw.service.open_stream()
-        except BaseException:
-            body.close()
-            raise
-        cancel = threading.Event()
-        try:
-            requests = (_parse_line(line) for line in body if line.strip())
-            self.send_response(200)
-            self.send_header("Content-Type", NDJSON)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            # From here on the status line is gone: every error ends the body with an error
-            # record (never a second HTTP response inside it) and closes the connection.
-            try:
-                for resp in gw.service.segment_stream(requests, cancel):
-                    chunk = to_json(resp) + b"\n"
-                    self.wfile.write(f"{len(chunk):X}\r\n".encode() + chunk + b"\r\n")
-                self.wfile.write(b"0\r\n\r\n")
-            except ServiceError as exc:
-                self._end_stream_with(exc)
-            except (BrokenPipeError, ConnectionResetError):
-                raise
-            except Exception:
-                log.exception("HTTP stream failed")
-                self._end_stream_with(ServiceError("INTERNAL", INTERNAL_STREAM))
-        finally:
-            cancel.set()
-            gw.service.close_stream()
-            body.close()
-
-    def _end_stream_with(self, exc: ServiceError) -> None:
-        line = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode() + b"\n"
-        self.close_connection = True
-        self.wfile.write(f"{len(line):X}\r\n".encode() + line + b"\r\n0\r\n\r\n")
+def _error_response(exc: ServiceError, close: bool = False) -> Response:
+    status = exc.http_status or HTTP_STATUS.get(exc.code, 500)
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    if close:
+        headers["Connection"] = "close"
+    return Response(error_bytes(exc.code, exc.message), status, headers=headers, media_type=JSON)
 
 
 def _parse_line(line: bytes) -> pb.SegmentRequest | ServiceError:
@@ -359,8 +104,312 @@ def _parse_line(line: bytes) -> pb.SegmentRequest | ServiceError:
         return exc
 
 
+class _App:
+    """The routes, over a :class:`~bridge.service.core.SegmentService`."""
+
+    def __init__(self, gateway: HttpGateway) -> None:
+        self.gw = gateway
+        self.service = gateway.service
+        routes = [
+            Route("/v1/model", self.model, methods=["GET"]),
+            Route("/v1/segment", self.segment, methods=["POST"]),
+            Route("/v1/segmentStream", self.stream, methods=["POST"]),
+            Route("/healthz", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
+        ]
+        self.known = {r.path for r in routes}
+        self.starlette = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_exception, Exception: self._crash},
+        )
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.starlette(scope, receive, send)
+
+    # ----------------------------------------------------- around routes
+
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        """Starlette's 404 and 405, in our error form."""
+        path = request.url.path
+        if exc.status_code == 405 or (exc.status_code == 404 and path in self.known):
+            err = ServiceError("UNIMPLEMENTED", f"{request.method} is not allowed on {path}", http_status=405)
+        elif exc.status_code == 404:
+            err = ServiceError("NOT_FOUND", f"no such route: {request.method} {path}")
+        else:
+            err = ServiceError("INVALID_ARGUMENT", str(exc.detail), http_status=exc.status_code)
+        return _error_response(err)
+
+    async def _crash(self, request: Request, exc: Exception) -> Response:
+        log.error(
+            "HTTP %s %s failed",
+            request.method,
+            request.url.path,
+            exc_info=exc,
+            extra={"fields": {"peer": _peer(request)}},
+        )
+        return _error_response(ServiceError("INTERNAL", "internal error; see the server log"), close=True)
+
+    def _open_call(self, request: Request, metrics: bool = False) -> None:
+        """Refused while draining (``/metrics`` still answers), then the token, from the head alone."""
+        if self.gw.refusing and not metrics:
+            raise ServiceError("UNAVAILABLE", SHUTTING_DOWN)
+        reason = self.gw.tokens.check(request.headers.get("authorization"))
+        if reason is not None:
+            self.gw.auth_failed(_peer(request), reason)
+            raise ServiceError("UNAUTHENTICATED", reason)
+
+    async def _guard(self, request: Request, handler) -> Response:
+        """Runs ``handler`` with the gateway's count of requests in flight and turns errors into replies."""
+        self.gw.enter()
+        try:
+            return await handler()
+        except _Close as wrapped:
+            return _error_response(wrapped.args[0], close=True)
+        except ServiceError as exc:
+            # Draining: tell the client to go elsewhere and not to reuse this connection.
+            return _error_response(exc, close=exc.code == "UNAVAILABLE")
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            self.gw.leave()
+
+    # ------------------------------------------------------------- bodies
+
+    def _declared_length(self, request: Request) -> int:
+        length = request.headers.get("content-length")
+        if request.headers.get("transfer-encoding", "").lower() == "chunked" or length is None:
+            raise _Close(
+                ServiceError("INVALID_ARGUMENT", "send the body with a Content-Length header", http_status=411)
+            )
+        try:
+            n = int(length)
+        except ValueError:
+            raise _Close(ServiceError("INVALID_ARGUMENT", f"bad Content-Length {length!r}")) from None
+        if n < 0:
+            raise _Close(ServiceError("INVALID_ARGUMENT", f"bad Content-Length {length!r}"))
+        return n
+
+    async def _read(self, request: Request, n: int, sink) -> None:
+        """Feed the ``n``-byte body to ``sink(chunk)`` within the body deadline."""
+        got = 0
+        try:
+            async with asyncio.timeout(self.gw.body_timeout):
+                async for chunk in request.stream():
+                    got += len(chunk)
+                    if got > n:
+                        raise _Close(ServiceError("INVALID_ARGUMENT", f"request body is longer than its {n} bytes"))
+                    if chunk:
+                        sink(chunk)
+        except TimeoutError:
+            log_event(
+                "http body too slow",
+                logging.WARNING,
+                peer=_peer(request),
+                path=request.url.path,
+                got=got,
+                of=n,
+                limit_s=self.gw.body_timeout,
+            )
+            raise _Close(
+                ServiceError(
+                    "DEADLINE_EXCEEDED",
+                    f"the request body did not arrive within {self.gw.body_timeout:g} s ({got} of {n} bytes)",
+                    http_status=408,
+                )
+            ) from None
+        if got != n:
+            raise _Close(ServiceError("INVALID_ARGUMENT", f"request body ended after {got} of {n} bytes"))
+
+    async def _body(self, request: Request) -> bytes:
+        n = self._declared_length(request)
+        if n > self.gw.max_body:
+            raise _Close(
+                ServiceError(
+                    "RESOURCE_EXHAUSTED",
+                    f"request body of {n} bytes is over the limit of {self.gw.max_body} bytes: send smaller tiles",
+                    http_status=413,
+                )
+            )
+        parts: list[bytes] = []
+        await self._read(request, n, parts.append)
+        return b"".join(parts)
+
+    async def _stream_body(self, request: Request) -> tempfile.SpooledTemporaryFile:
+        """The NDJSON body, read in full before answering (a client may send it
+        all before it reads), into memory up to the size limit and into a
+        temporary file beyond.  The limit applies to each line (one message, as
+        on gRPC), not to the whole stream."""
+        n = self._declared_length(request)
+        limit = self.gw.max_body
+        spool = tempfile.SpooledTemporaryFile(max_size=limit)  # noqa: SIM115 (the caller closes it)
+        line = bytearray()
+
+        def sink(chunk: bytes) -> None:
+            start = 0
+            while start < len(chunk):
+                end = chunk.find(b"\n", start)
+                piece = chunk[start:] if end < 0 else chunk[start : end + 1]
+                line.extend(piece)
+                if len(line.rstrip(b"\r\n")) > limit:
+                    raise _Close(
+                        ServiceError(
+                            "RESOURCE_EXHAUSTED",
+                            f"a line of the stream is over the limit of {limit} bytes per message: send smaller tiles",
+                            http_status=413,
+                        )
+                    )
+                if end < 0:
+                    return
+                spool.write(bytes(line))
+                line.clear()
+                start = end + 1
+
+        try:
+            await self._read(request, n, sink)
+            if line:
+                spool.write(bytes(line) + b"\n")
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool
+
+    # ---------------------------------------------------------- computing
+
+    async def _compute(self, request: Request, call, cancel: threading.Event):
+        """``call()`` on a compute thread; the client hanging up, or the server
+        giving up on it at shutdown, sets ``cancel``."""
+        loop = asyncio.get_running_loop()
+        self.gw.track(cancel)
+        watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
+        try:
+            return await loop.run_in_executor(self.gw.pool, call)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            watcher.cancel()
+            self.gw.untrack(cancel)
+
+    # ------------------------------------------------------------- routes
+
+    async def health(self, request: Request) -> Response:
+        refusing = self.gw.refusing
+        body = json.dumps({"status": "NOT_SERVING" if refusing else "SERVING"}).encode()
+        return Response(body, 503 if refusing else 200, media_type=JSON)
+
+    async def openapi(self, request: Request) -> Response:
+        return Response(self.gw.openapi, media_type=JSON)
+
+    async def metrics(self, request: Request) -> Response:
+        async def handler() -> Response:
+            self._open_call(request, metrics=True)
+            return Response(self.service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+        return await self._guard(request, handler)
+
+    async def model(self, request: Request) -> Response:
+        async def handler() -> Response:
+            self._open_call(request)
+            return Response(to_json(self.service.model_info()), media_type=JSON)
+
+        return await self._guard(request, handler)
+
+    async def segment(self, request: Request) -> Response:
+        async def handler() -> Response:
+            self._open_call(request)
+            req = parse_request(await self._body(request))
+            cancel = threading.Event()
+            try:
+                resp = await self._compute(request, partial(self.service.segment, req, cancel), cancel)
+            except ServiceError as exc:
+                if exc.code == "CANCELLED" and self.gw.giving_up:
+                    raise ServiceError("UNAVAILABLE", SHUTTING_DOWN) from None
+                raise
+            return Response(to_json(resp), media_type=JSON)
+
+        return await self._guard(request, handler)
+
+    async def stream(self, request: Request) -> Response:
+        async def handler() -> Response:
+            self._open_call(request)
+            body = await self._stream_body(request)
+            try:
+                self.service.open_stream()
+            except BaseException:
+                body.close()
+                raise
+            cancel = threading.Event()
+            self.gw.track(cancel)
+            chunks = self._stream_chunks(body, cancel)
+            return StreamingResponse(_closing(chunks, cancel, self.gw), media_type=NDJSON)
+
+        return await self._guard(request, handler)
+
+    def _stream_chunks(self, body, cancel: threading.Event) -> Iterator[bytes]:
+        """NDJSON lines of responses; an error after the status line has gone
+        ends the body with an error record (never a second response inside it)."""
+        try:
+            requests = (_parse_line(line) for line in body if line.strip())
+            try:
+                for resp in self.service.segment_stream(requests, cancel):
+                    yield to_json(resp) + b"\n"
+            except ServiceError as exc:
+                if exc.code == "CANCELLED" and self.gw.giving_up:
+                    exc = ServiceError("UNAVAILABLE", SHUTTING_DOWN)
+                yield json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode() + b"\n"
+            except Exception:
+                log.exception("HTTP stream failed")
+                internal = {"code": "INTERNAL", "message": INTERNAL_STREAM}
+                yield json.dumps({"error": internal}).encode() + b"\n"
+        finally:
+            cancel.set()
+            self.service.close_stream()
+            body.close()
+
+
+async def _closing(chunks: Iterator[bytes], cancel: threading.Event, gw: HttpGateway):
+    """The stream's chunks, each computed on a compute thread; the count of
+    requests in flight covers the whole body, and the client hanging up stops it."""
+    loop = asyncio.get_running_loop()
+    gw.enter()
+    end = object()
+    try:
+        while True:
+            chunk = await loop.run_in_executor(gw.pool, next, chunks, end)
+            if chunk is end:
+                return
+            yield chunk
+    finally:
+        cancel.set()
+        await loop.run_in_executor(gw.pool, chunks.close)
+        gw.untrack(cancel)
+        gw.leave()
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client goes away while its request is computed."""
+    with contextlib.suppress(Exception):
+        while not cancel.is_set():
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                cancel.set()
+                return
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return peer_name((client.host, client.port) if client else None)
+
+
 class HttpGateway:
-    """A ThreadingHTTPServer in a background thread, over ``service``."""
+    """uvicorn on its own thread and event loop, over ``service``.
+
+    ``max_threads`` compute threads run the calls (they wait for the network,
+    not for clients); ``max_connections``, ``header_timeout`` and
+    ``body_timeout`` bound what a client can hold.
+    """
 
     def __init__(
         self,
@@ -371,42 +420,59 @@ class HttpGateway:
         tls: tuple[bytes, bytes] | None = None,
         max_body: int = 64 << 20,
         max_threads: int = 32,
+        max_connections: int = 1000,
+        header_timeout: float = 10.0,
+        body_timeout: float = 60.0,
+        keep_alive: float = 15.0,
+        shutdown_timeout: float = 5.0,
     ) -> None:
         self.service = service
         self.tokens = tokens
         self.max_body = max_body
-        self.max_threads = max_threads
+        self.body_timeout = body_timeout
+        self.shutdown_timeout = shutdown_timeout
         self.refusing = False
+        self.giving_up = False  # set at the end of the grace period: calls in flight are cancelled
+        self.pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="nuclick-http")
+        self.openapi = json.dumps(openapi_document()).encode("utf-8")
         self._active = 0
+        self._cancels: set[threading.Event] = set()
         self._lock = threading.Lock()
-        try:
-            self._httpd = _Server((host, port), _Handler, bind_and_activate=True)
-        except OSError as exc:
-            raise BridgeInputError(f"cannot listen for HTTP on {host}:{port} ({exc.strerror or exc})") from exc
-        self._httpd.gateway = self
-        if tls is not None:
-            # The handshake happens in the request's thread, not in the accept loop.
-            self._httpd.socket = _tls_context(tls).wrap_socket(
-                self._httpd.socket, server_side=True, do_handshake_on_connect=False
-            )
-        self.port = self._httpd.server_address[1]
+        self._sock = _listen(host, port)
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(
+            _App(self),
+            http=BoundedH11Protocol,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            headers=[("server", "nuclick-bridge")],
+            timeout_keep_alive=int(max(1, keep_alive)),
+            timeout_graceful_shutdown=int(max(1, shutdown_timeout)),
+            h11_max_incomplete_event_size=64 * 1024,
+        )
+        config.bridge_limits = ConnectionLimits(  # type: ignore[attr-defined]
+            max_connections=max_connections,
+            header_timeout=header_timeout,
+            handshake_timeout=header_timeout,
+            tls=_tls_context(tls) if tls is not None else None,
+        )
+        self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
+    # ----------------------------------------------------------- lifecycle
+
     def start(self) -> HttpGateway:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="nuclick-http", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="nuclick-http")
+        self._thread.daemon = True
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise BridgeInputError(f"the HTTP server did not start on port {self.port}")
+            time.sleep(0.01)
         return self
-
-    def enter(self) -> bool:
-        with self._lock:
-            if self._active >= self.max_threads:
-                return False
-            self._active += 1
-            return True
-
-    def leave(self) -> None:
-        with self._lock:
-            self._active -= 1
 
     def refuse_new(self) -> None:
         self.refusing = True
@@ -418,18 +484,74 @@ class HttpGateway:
                 if self._active == 0:
                     return True
             time.sleep(0.02)
-        return False
+        with self._lock:
+            return self._active == 0
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        """Stop: requests still in flight are cancelled and answered 503
+        UNAVAILABLE (clients retry elsewhere), idle connections are closed."""
+        self.refusing = True
+        with self._lock:
+            left = len(self._cancels)
+            self.giving_up = True
+            for cancel in self._cancels:
+                cancel.set()
+        if left:
+            log_event("http calls cancelled at shutdown", logging.WARNING, calls=left)
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(self.shutdown_timeout + 5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(OSError):
+            self._sock.close()
         log_event("http closed")
+
+    # --------------------------------------------------- the app's counters
+
+    def enter(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def track(self, cancel: threading.Event) -> None:
+        with self._lock:
+            self._cancels.add(cancel)
+            if self.giving_up:
+                cancel.set()
+
+    def untrack(self, cancel: threading.Event) -> None:
+        with self._lock:
+            self._cancels.discard(cancel)
+
+    def auth_failed(self, peer: str, reason: str) -> None:
+        """A request with a missing or wrong token (the token itself is never logged)."""
+        log_event("auth failed", logging.WARNING, port="http", peer=peer, reason=reason)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that port 0's choice is known and a
+    busy port is a clear error before anything starts."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise BridgeInputError(f"cannot listen for HTTP on {host}:{port} ({exc.strerror or exc})") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise BridgeInputError(f"cannot listen for HTTP on {host}:{port} ({exc.strerror or exc})") from exc
+    sock.setblocking(False)
+    return sock
 
 
 def _tls_context(tls: tuple[bytes, bytes]) -> ssl.SSLContext:
-    import os
-    import tempfile
-
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # load_cert_chain reads files only; the PEMs are written to private temp files.
