@@ -44,7 +44,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="how long a batch waits for other clients' patches (default: 2)",
     )
-    p.add_argument("--workers", type=int, default=32, metavar="N", help="threads serving calls (default: 32)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=32,
+        metavar="N",
+        help="calls (gRPC Segment, HTTP /v1/segment) computing at once; more wait in the queue (default: 32)",
+    )
+    p.add_argument(
+        "--queue",
+        type=int,
+        default=512,
+        metavar="N",
+        help="calls that may wait for a free worker when all are busy, each holding its request in memory; "
+        "beyond them a call is refused at once with RESOURCE_EXHAUSTED (HTTP 429) and a hint of when to retry "
+        "(gRPC trailing metadata retry-after-ms, HTTP Retry-After). 0: never wait (default: 512)",
+    )
     p.add_argument(
         "--threads", type=int, default=0, metavar="N", help="CPU threads for torch's forward pass (0: torch's default)"
     )
@@ -60,6 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tile-side", type=int, default=4096, help="largest tile side in pixels (default: 4096)")
     p.add_argument("--max-clicks", type=int, default=1000, help="most clicks per request (default: 1000)")
     p.add_argument("--max-streams", type=int, default=8, help="most concurrent SegmentStream calls (default: 8)")
+    p.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="end a stream (DEADLINE_EXCEEDED) that sends nothing for this long while none of its requests is "
+        "being answered, so that idle clients cannot hold the --max-streams slots; 0: never (default: 60)",
+    )
     p.add_argument("--grace", type=float, default=30.0, help="seconds calls in flight get at shutdown (default: 30)")
     p.add_argument("--log-format", default="json", choices=("json", "text"), help="log lines (default: json)")
 
@@ -116,8 +139,12 @@ def build_server(args: argparse.Namespace):
         max_concurrent_streams=args.max_streams,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
+        max_queued_calls=args.queue,
+        stream_idle_timeout_s=args.stream_idle_timeout,
     )
     limits.check()
+    if args.workers < 1:
+        raise BridgeInputError("--workers must be at least 1")
     token = read_token_file(args.token_file) if args.token_file else None
     tls = read_tls(args.tls_cert, args.tls_key)
     default, named = parse_weights(args.weights)

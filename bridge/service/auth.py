@@ -5,21 +5,55 @@ so neither its content nor its length leaks through response timing.
 Health checks stay open (load balancers and ``grpc_health_probe`` carry no
 token); every other method, reflection included, needs the token when one is
 configured.
+
+Every refused call is counted (``nuclick_auth_failures_total{port,reason}``)
+and logged with its peer and reason, at most one line a second per port, and
+never with the token: :func:`record_auth_failure`, for both transports.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from bridge.errors import BridgeInputError
+from bridge.service.logs import Throttle
+
+if TYPE_CHECKING:
+    from bridge.service.metrics import ServiceMetrics
+
+log = logging.getLogger("bridge.service")
 
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 MISSING = "missing bearer token: send the header 'authorization: Bearer <token>'"
 WRONG = "wrong bearer token"
+# TokenCheck's reasons as metric labels.
+REASON_LABELS = {MISSING: "missing", WRONG: "wrong"}
+_fallback_throttle = Throttle(1.0)  # for callers without a server's metrics
+
+
+def record_auth_failure(
+    metrics: ServiceMetrics | None, peer: str | None, reason: str, port: str, method: str | None = None
+) -> None:
+    """Count and log one call refused for its token.
+
+    ``reason`` is what :meth:`TokenCheck.check` returned (its label, ``missing``
+    or ``wrong``, goes to the metric and the log; the header's value never
+    does); ``port`` is ``"grpc"`` or ``"http"``; ``peer`` the client's address
+    as the transport gives it; ``method`` the gRPC method or HTTP path.  The
+    log line is rate-limited to one a second per port (with the count of the
+    lines left out), so that a client guessing tokens cannot flood the log.
+    """
+    label = REASON_LABELS.get(reason, "other")
+    if metrics is not None:
+        metrics.auth_failures.labels(port=port, reason=label).inc()
+    throttle = metrics.throttle if metrics is not None else _fallback_throttle
+    throttle.log(log, f"auth:{port}", "auth failed", logging.WARNING, port=port, peer=peer, reason=label, method=method)
 
 
 def read_token_file(path: str | Path) -> str:
@@ -71,8 +105,12 @@ class TokenCheck:
         return None if ok else WRONG
 
 
-def _deny_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
+def _deny_handler(
+    handler: grpc.RpcMethodHandler, reason: str, method: str, metrics: ServiceMetrics | None
+) -> grpc.RpcMethodHandler:
     def deny(request, context):
+        # Here, not in the interceptor: only the call's context knows the peer.
+        record_auth_failure(metrics, context.peer(), reason, "grpc", method)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
     kw = {
@@ -89,8 +127,12 @@ def _deny_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethod
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, check: TokenCheck) -> None:
+    """Refuses every call but health checks without the right token;
+    refusals go to ``metrics`` and the log (:func:`record_auth_failure`)."""
+
+    def __init__(self, check: TokenCheck, metrics: ServiceMetrics | None = None) -> None:
         self._check = check
+        self._metrics = metrics
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method in OPEN_METHODS:
@@ -104,4 +146,4 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if reason is None or handler is None:
             return handler
-        return _deny_handler(handler, reason)
+        return _deny_handler(handler, reason, handler_call_details.method, self._metrics)

@@ -25,14 +25,21 @@ class ServiceError(Exception):
     """A request the server refuses: a gRPC status code name and one line.
 
     ``http_status`` overrides the default HTTP mapping (e.g. 413 for a body
-    that is too large, where gRPC says RESOURCE_EXHAUSTED).
+    that is too large, where gRPC says RESOURCE_EXHAUSTED).  ``retry_after``
+    (seconds) is set when the refusal is "busy now": a client should wait that
+    long before it asks again; gRPC sends it as the trailing metadata
+    ``retry-after-ms`` (whole milliseconds), HTTP as ``Retry-After`` (whole
+    seconds, rounded up).
     """
 
-    def __init__(self, code: str, message: str, http_status: int | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, http_status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(" ".join(str(message).split()))
         self.code = code
         self.message = str(self)
         self.http_status = http_status
+        self.retry_after = retry_after
 
 
 def invalid(message: str) -> ServiceError:

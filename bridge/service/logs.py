@@ -19,6 +19,49 @@ import threading
 import time
 
 
+def clip(text: str | None, limit: int = 128) -> str | None:
+    """``text`` cut to ``limit`` characters (with a mark and the full length):
+    client-chosen strings (request ids, model names) must not make log lines
+    as long as the client likes."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text)} chars)"
+
+
+class Throttle:
+    """At most one log line per ``interval`` seconds for each key.
+
+    Why: refusals and failed logins come in floods (a busy server refuses
+    hundreds a second, a scanner guesses tokens); one line per second says
+    that it happens, and the line after a quiet spell says how many were left
+    out (``suppressed``).  Exact counts live in the metrics.  ``clock`` is
+    there for tests.
+    """
+
+    def __init__(self, interval: float = 1.0, clock=time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def log(self, logger: logging.Logger, key: str, msg: str, level: int = logging.WARNING, **fields) -> bool:
+        """Log ``msg`` with ``fields`` unless a line with this key went out less
+        than ``interval`` ago; True when the line was written."""
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        logger.log(level, msg, extra={"fields": fields})
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {

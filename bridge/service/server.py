@@ -6,11 +6,24 @@ Tests and embedders build it in-process with any engine::
     server = NuClickServer(engine, port=0, http_port=0).start()
     ... server.grpc_port, server.http_port ...
     server.stop(grace=5)
+
+Errors a client meets on gRPC besides its request's own:
+
+- RESOURCE_EXHAUSTED when the server is busy: its compute slots (``workers``)
+  are taken and its queue (``Limits.max_queued_calls``) is full, or no stream
+  slot is free.  The trailing metadata ``retry-after-ms`` (whole milliseconds)
+  says how long to wait before asking again.  A call that finds the queue with
+  room waits there instead (within its deadline).
+- UNAVAILABLE while the server drains: retry on another replica or later.
+- DEADLINE_EXCEEDED ending a ``SegmentStream`` that sent nothing for
+  ``Limits.stream_idle_timeout_s`` seconds.
+- INVALID_ARGUMENT for bytes that are not the method's protobuf message.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -36,19 +49,88 @@ log = logging.getLogger("bridge.service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NuClick"].full_name
 
 
+# Trailing metadata of a busy refusal: how long to wait before asking again, in whole milliseconds.
+RETRY_AFTER_KEY = "retry-after-ms"
+# Handler threads beyond compute slots, queue and streams: health checks, model
+# info, reflection, and refusing calls at once when the queue is full.
+SPARE_THREADS = 32
+
+
 def _abort(context: grpc.ServicerContext, exc: ServiceError):
+    if exc.retry_after is not None:
+        ms = max(1, math.ceil(1000 * exc.retry_after))
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(ms)),))
     context.abort(grpc.StatusCode[exc.code], exc.message)
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() value; None when it has none."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e8:  # no deadline reads as one in the far future
+        return None
+    return time.monotonic() + remaining
+
+
+def _parser(message: Any) -> Callable[[bytes], Any]:
+    """``message.FromString`` that returns a ServiceError (INVALID_ARGUMENT) for
+    bytes that are not such a message.  gRPC Python answers a deserializer's
+    exception with INTERNAL and logs a traceback per call; the handlers turn
+    this value into a clean INVALID_ARGUMENT instead (a stream answers it in
+    place, as the HTTP gateway answers an unparsable line)."""
+    name = message.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except Exception as exc:  # DecodeError, and anything else the parser raises on bad bytes
+            return ServiceError(
+                "INVALID_ARGUMENT",
+                f"the request is not a {name} protobuf message ({exc or type(exc).__name__}); "
+                "check that the client uses nuclick.v1's generated code",
+            )
+
+    return parse
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_servicer(servicer: NuClickServicer, server: grpc.Server) -> None:
+    """What the generated ``add_NuClickServicer_to_server`` does, every method
+    of the service's descriptor, with request parsing through :func:`_parser`."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["NuClick"].methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_parser(request),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class NuClickServicer(pb_grpc.NuClickServicer):
     def __init__(self, service: SegmentService) -> None:
         self.service = service
 
+    def _unparsable(self, method: str, exc: ServiceError, context: grpc.ServicerContext) -> None:
+        self.service.rejected_message(method, exc, context.peer())
+        _abort(context, exc)
+
     def Segment(self, request, context):
+        if isinstance(request, ServiceError):
+            self._unparsable("Segment", request, context)
         cancel = threading.Event()
         context.add_callback(cancel.set)
         try:
-            return self.service.segment(request, cancel)
+            return self.service.segment(request, cancel, deadline=_deadline(context))
         except ServiceError as exc:
             _abort(context, exc)
 
@@ -69,15 +151,18 @@ class NuClickServicer(pb_grpc.NuClickServicer):
                     self.service.close_stream()
 
         context.add_callback(release)
-        log_event("stream opened", peer=context.peer())
+        peer = context.peer()
+        log_event("stream opened", peer=peer)
         try:
-            yield from self.service.segment_stream(request_iterator, cancel)
+            yield from self.service.segment_stream(request_iterator, cancel, peer=peer)
         except ServiceError as exc:
             _abort(context, exc)
         finally:
             release()
 
     def GetModelInfo(self, request, context):
+        if isinstance(request, ServiceError):
+            self._unparsable("GetModelInfo", request, context)
         return self.service.model_info()
 
 
@@ -90,7 +175,12 @@ class NuClickServer:
 
     Port 0 picks a free port (see :attr:`grpc_port`, :attr:`http_port`).
     ``tls`` is (certificate chain PEM, private key PEM) for both; ``token``
-    enables bearer-token auth on both.  ``engine`` is one engine (served as
+    enables bearer-token auth on both.  ``workers`` unary calls compute at
+    once and ``limits.max_queued_calls`` more wait for a slot (see
+    :class:`~bridge.service.core.Admission`); both transports get enough
+    handler threads (:attr:`handler_threads`) that a waiting call waits in that
+    queue, counted, and a call beyond it is refused at once with a retry hint.
+    ``engine`` is one engine (served as
     "default") or a mapping of model name -> engine holding "default";
     ``models_dir`` and ``load`` add a folder of weights files, read again by
     :meth:`reload_models` (see :class:`~bridge.service.core.SegmentService`).
@@ -129,6 +219,9 @@ class NuClickServer:
         self.tokens = TokenCheck(token)
         self.tls = tls
         self.workers = workers
+        # Every computing, waiting and streaming call holds one handler thread (threads are
+        # cheap, and created only when needed); the spare ones refuse calls beyond the queue.
+        self.handler_threads = workers + limits.max_queued_calls + limits.max_concurrent_streams + SPARE_THREADS
         self.threads = threads
         self.service: SegmentService | None = None
         self.grpc_port: int | None = None
@@ -146,6 +239,7 @@ class NuClickServer:
             threads=self.threads,
             models_dir=self.models_dir,
             load=self._load,
+            workers=self.workers,
         )
         size = self.limits.max_message_bytes
         options = [
@@ -153,15 +247,16 @@ class NuClickServer:
             ("grpc.max_send_message_length", size),
             ("grpc.so_reuseport", 0),  # a second server on the same port is an error, not a silent share
         ]
-        interceptors = [AuthInterceptor(self.tokens)] if self.tokens.required else []
+        interceptors = [AuthInterceptor(self.tokens, self.service.metrics)] if self.tokens.required else []
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="nuclick-grpc"),
+            ThreadPoolExecutor(max_workers=self.handler_threads, thread_name_prefix="nuclick-grpc"),
             interceptors=interceptors,
             options=options,
-            # Calls beyond this wait in no queue: they get RESOURCE_EXHAUSTED at once.
-            maximum_concurrent_rpcs=4 * self.workers,
+            # A last resort only: our own queue refuses long before (counted, with a retry hint).
+            # gRPC refuses calls beyond this with RESOURCE_EXHAUSTED, uncounted.
+            maximum_concurrent_rpcs=2 * self.handler_threads,
         )
-        pb_grpc.add_NuClickServicer_to_server(NuClickServicer(self.service), server)
+        add_servicer(NuClickServicer(self.service), server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -193,7 +288,7 @@ class NuClickServer:
                     self.tokens,
                     tls=self.tls,
                     max_body=size,
-                    max_threads=self.workers,
+                    max_threads=self.handler_threads,
                 ).start()
             except BaseException:
                 self.service.close()
@@ -215,6 +310,8 @@ class NuClickServer:
             models=self.service.models.names(),
             device=str(getattr(self.engine, "device", "cpu")),
             max_batch=self.limits.max_batch,
+            workers=self.workers,
+            queue=self.limits.max_queued_calls,
         )
         return self
 
