@@ -20,7 +20,7 @@ from bridge.service.auth import TokenCheck
 from bridge.service.convert import tile_to_pb
 from bridge.service.core import Limits, SegmentService
 from bridge.service.gen import nuclick_pb2 as pb
-from bridge.service.http import HttpGateway
+from bridge.service.http import HttpBounds, HttpGateway
 from bridge.service.server import NuClickServer
 from support.models import DiscModel, Gate, engine_for
 
@@ -67,9 +67,7 @@ def gateway():
         0,
         TokenCheck(TOKEN),
         max_threads=4,
-        max_connections=300,
-        header_timeout=1.0,
-        body_timeout=1.5,
+        bounds=HttpBounds(max_connections=300, header_timeout=1.0, body_timeout=1.5),
     ).start()
     yield gw
     gw.close()
@@ -156,7 +154,8 @@ def test_many_idle_connections_cost_no_threads(gateway):
 
 def test_connections_over_the_cap_are_closed_and_the_cap_frees_up():
     service = SegmentService({"default": engine_for(DiscModel(), "disc")}, Limits())
-    gw = HttpGateway(service, "127.0.0.1", 0, TokenCheck(None), max_connections=5, header_timeout=1.0).start()
+    bounds = HttpBounds(max_connections=5, header_timeout=1.0)
+    gw = HttpGateway(service, "127.0.0.1", 0, TokenCheck(None), bounds=bounds).start()
     try:
         idle = [socket.create_connection(("127.0.0.1", gw.port), timeout=10) for _ in range(5)]
         time.sleep(0.2)
@@ -244,3 +243,47 @@ def test_openapi_describes_every_route_and_message(gateway):
     assert schemas["Tile_Encoding"]["enum"][0] == pb.Tile.Encoding.Name(0)
     ref = doc["paths"]["/v1/segment"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert ref == {"$ref": "#/components/schemas/SegmentResponse"}
+
+
+def test_busy_http_calls_wait_and_only_a_full_queue_answers_429_with_retry_after():
+    """One compute slot and one place in the queue: a second call waits (and is
+    answered), a third is refused with 429, RESOURCE_EXHAUSTED, a Retry-After
+    header, and the refusal is counted."""
+    gate = Gate()
+    service = SegmentService(
+        {"default": engine_for(DiscModel(gate=gate), "disc")}, Limits(max_queued_calls=1), workers=1
+    )
+    gw = HttpGateway(service, "127.0.0.1", 0, TokenCheck(None), max_threads=8).start()
+    replies: list = []
+
+    def call() -> None:
+        replies.append(_ask(gw.port, "POST", "/v1/segment", _segment_body(1), timeout=60))
+
+    callers = [threading.Thread(target=call) for _ in range(2)]
+    try:
+        callers[0].start()
+        assert gate.entered.wait(20), "the first call never reached the network"
+        callers[1].start()
+        deadline = time.monotonic() + 20
+        while service.metrics.waiting._value.get() < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status, headers, body = _ask(gw.port, "POST", "/v1/segment", _segment_body(1))
+        assert status == 429, body
+        assert json.loads(body)["code"] == "RESOURCE_EXHAUSTED" and "queue is full" in json.loads(body)["message"]
+        assert int(headers["retry-after"]) >= 1
+    finally:
+        gate.opened.set()
+        for c in callers:
+            c.join(60)
+    assert [r[0] for r in replies] == [200, 200]
+    assert service.metrics.refused.labels(reason="queue_full")._value.get() == 1
+    gw.close()
+    service.close()
+
+
+def test_failed_tokens_over_http_are_counted(gateway):
+    for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer wrong"}):
+        assert _ask(gateway.port, "GET", "/v1/model", headers=header)[0] == 401
+    metric = gateway.service.metrics.auth_failures
+    assert metric.labels(port="http", reason="missing")._value.get() == 1
+    assert metric.labels(port="http", reason="wrong")._value.get() == 2

@@ -31,6 +31,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: 50051)")
     p.add_argument("--http-port", type=int, default=8080, help="HTTP/JSON port; 0 picks a free one (default: 8080)")
     p.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    p.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="HTTP connections open at once, idle ones included; more are closed at once (default: 1000)",
+    )
+    p.add_argument(
+        "--http-header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds an HTTP client has to send a whole request head, on a new connection and after each "
+        "answer; a client that trickles it is disconnected (default: 10)",
+    )
+    p.add_argument(
+        "--http-body-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds an HTTP client has to send a whole request body, after its token was checked; slower "
+        "is a 408 (default: 60; raise it for big tiles over slow links)",
+    )
+    p.add_argument(
+        "--http-keep-alive",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="seconds an idle kept-alive HTTP connection stays open (default: 15)",
+    )
     p.add_argument("--weights", action="append", default=None, metavar="[NAME=]FILE", help=WEIGHTS_HELP)
     p.add_argument("--models-dir", default=None, metavar="DIR", help=MODELS_DIR_HELP)
     add_device_options(p)
@@ -122,6 +152,7 @@ def build_server(args: argparse.Namespace):
     from bridge.nuclick.engine import NuClickEngine
     from bridge.service.auth import read_tls, read_token_file
     from bridge.service.core import Limits
+    from bridge.service.http import HttpBounds
     from bridge.service.server import NuClickServer
 
     for name in ("port", "http_port"):
@@ -181,6 +212,12 @@ def build_server(args: argparse.Namespace):
         threads=args.threads,
         models_dir=models_dir,
         load=load,
+        http_bounds=HttpBounds(
+            max_connections=args.http_max_connections,
+            header_timeout=args.http_header_timeout,
+            body_timeout=args.http_body_timeout,
+            keep_alive=args.http_keep_alive,
+        ),
     )
 
 

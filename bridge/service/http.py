@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 
 import uvicorn
@@ -56,7 +57,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from bridge.errors import BridgeInputError
-from bridge.service.auth import TokenCheck
+from bridge.service.auth import TokenCheck, record_auth_failure
 from bridge.service.convert import HTTP_STATUS, ServiceError
 from bridge.service.core import INTERNAL_STREAM, SegmentService, log_event
 from bridge.service.gen import nuclick_pb2 as pb
@@ -156,7 +157,7 @@ class _App:
             raise ServiceError("UNAVAILABLE", SHUTTING_DOWN)
         reason = self.gw.tokens.check(request.headers.get("authorization"))
         if reason is not None:
-            self.gw.auth_failed(_peer(request), reason)
+            self.gw.auth_failed(_peer(request), reason, request.url.path)
             raise ServiceError("UNAUTHENTICATED", reason)
 
     async def _guard(self, request: Request, handler) -> Response:
@@ -319,7 +320,12 @@ class _App:
     async def segment(self, request: Request) -> Response:
         async def handler() -> Response:
             self._open_call(request)
-            req = parse_request(await self._body(request))
+            try:
+                req = parse_request(await self._body(request))
+            except ServiceError as exc:
+                if exc.code == "INVALID_ARGUMENT":
+                    self.service.rejected_message("Segment", exc, _peer(request))
+                raise
             cancel = threading.Event()
             try:
                 resp = await self._compute(request, partial(self.service.segment, req, cancel), cancel)
@@ -403,12 +409,31 @@ def _peer(request: Request) -> str:
     return peer_name((client.host, client.port) if client else None)
 
 
+@dataclass(frozen=True)
+class HttpBounds:
+    """What one HTTP client can hold (``serve --http-*``): open connections in
+    all, seconds to send a whole request head, seconds to send a whole body,
+    and seconds an idle kept-alive connection stays open."""
+
+    max_connections: int = 1000
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keep_alive: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise BridgeInputError(f"--http-max-connections must be at least 1, not {self.max_connections}")
+        for name in ("header_timeout", "body_timeout", "keep_alive"):
+            if not getattr(self, name) > 0:
+                raise BridgeInputError(f"--http-{name.replace('_', '-')} must be above 0, not {getattr(self, name)}")
+
+
 class HttpGateway:
     """uvicorn on its own thread and event loop, over ``service``.
 
-    ``max_threads`` compute threads run the calls (they wait for the network,
-    not for clients); ``max_connections``, ``header_timeout`` and
-    ``body_timeout`` bound what a client can hold.
+    ``max_threads`` threads run the calls (they wait in the service's queue
+    and for the network, never for clients); ``bounds`` limit what clients
+    can hold.
     """
 
     def __init__(
@@ -420,12 +445,12 @@ class HttpGateway:
         tls: tuple[bytes, bytes] | None = None,
         max_body: int = 64 << 20,
         max_threads: int = 32,
-        max_connections: int = 1000,
-        header_timeout: float = 10.0,
-        body_timeout: float = 60.0,
-        keep_alive: float = 15.0,
+        bounds: HttpBounds | None = None,
         shutdown_timeout: float = 5.0,
     ) -> None:
+        bounds = bounds or HttpBounds()
+        max_connections, header_timeout = bounds.max_connections, bounds.header_timeout
+        body_timeout, keep_alive = bounds.body_timeout, bounds.keep_alive
         self.service = service
         self.tokens = tokens
         self.max_body = max_body
@@ -526,9 +551,9 @@ class HttpGateway:
         with self._lock:
             self._cancels.discard(cancel)
 
-    def auth_failed(self, peer: str, reason: str) -> None:
-        """A request with a missing or wrong token (the token itself is never logged)."""
-        log_event("auth failed", logging.WARNING, port="http", peer=peer, reason=reason)
+    def auth_failed(self, peer: str, reason: str, path: str) -> None:
+        """A request with a missing or wrong token: counted and logged (rate-limited) as on gRPC."""
+        record_auth_failure(self.service.metrics, peer, reason, "http", path)
 
 
 def _listen(host: str, port: int) -> socket.socket:

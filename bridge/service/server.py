@@ -41,7 +41,7 @@ from bridge.service.convert import ServiceError
 from bridge.service.core import Limits, SegmentService, log_event
 from bridge.service.gen import nuclick_pb2 as pb
 from bridge.service.gen import nuclick_pb2_grpc as pb_grpc
-from bridge.service.http import HttpGateway
+from bridge.service.http import HttpBounds, HttpGateway
 from bridge.service.models import DEFAULT_MODEL, ReloadResult
 
 log = logging.getLogger("bridge.service")
@@ -199,6 +199,7 @@ class NuClickServer:
         threads: int = 0,
         models_dir: str | Path | None = None,
         load: Callable[[Path], Any] | None = None,
+        http_bounds: HttpBounds | None = None,
     ) -> None:
         limits = limits or Limits()
         if workers <= limits.max_concurrent_streams:
@@ -212,6 +213,7 @@ class NuClickServer:
         self.engine = self.engines[DEFAULT_MODEL]
         self.models_dir = models_dir
         self._load = load
+        self.http_bounds = http_bounds or HttpBounds()
         self.host = host
         self._port = port
         self._http_port = http_port
@@ -289,6 +291,7 @@ class NuClickServer:
                     tls=self.tls,
                     max_body=size,
                     max_threads=self.handler_threads,
+                    bounds=self.http_bounds,
                 ).start()
             except BaseException:
                 self.service.close()
