@@ -30,11 +30,22 @@ gRPC's own ``round_robin`` policy spreads the calls over every address, and
 its client-side health checking (the servers' standard health service) keeps
 new work off a replica that is NOT_SERVING (draining) or gone.
 
-Every call has a deadline (``timeout``) and is retried with exponential
-backoff while the server is UNAVAILABLE (restarting, briefly unreachable, a
-replica killed mid-call: the retry goes to another replica).  A tile is a pure
+Every call has a deadline and is retried with exponential backoff while the
+server is UNAVAILABLE (restarting, briefly unreachable, a replica killed
+mid-call: the retry goes to another replica), and, within its deadline, while
+the server is busy: RESOURCE_EXHAUSTED with a ``retry-after-ms`` hint (its
+queue is full), gRPC's own concurrent-call limit, or a stream slot to "retry
+later".  The hint is honoured (never sooner, plus jitter so that waiting
+clients do not return together); without one the pause doubles, jittered.  A
+RESOURCE_EXHAUSTED that is a permanent limit (a message over the size limit,
+too many clicks, a tile too large) is raised at once.  A tile is a pure
 function of its request, so sending it again can change nothing: the answer
 of a run with a replica killed equals that of a run against one server.
+
+The deadline of a call is ``timeout`` seconds when given; by default
+(``timeout=None``) it scales with the work: :func:`call_deadline`, at least
+the 120 s every call had before, plus time for each click and megapixel of
+the tile, times the tiles in flight at once (they queue on the same servers).
 Errors the server reports (a bad tile, a wrong token, a limit) raise
 :class:`ServerError`, a :class:`bridge.errors.BridgeInputError` whose message
 names the server, the status and the reason.
@@ -50,6 +61,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -77,6 +89,29 @@ HEALTH_SERVICE = "nuclick.v1.NuClick"
 # Codes that say "this replica, now" rather than "this request": the call is sent again
 # (to another replica under round_robin).  Our servers answer UNAVAILABLE while draining.
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+# RESOURCE_EXHAUSTED means "busy now" or "never": a full queue (our servers attach
+# RETRY_AFTER_KEY, milliseconds), gRPC's maximum_concurrent_rpcs, no stream slot free; or a
+# limit no retry can meet (gRPC's message size, our clicks / tile-side limits).  Busy is told
+# by the hint or by these words; anything else with that code is permanent.
+RETRY_AFTER_KEY = "retry-after-ms"
+BUSY_WORDS = ("concurrent rpc limit exceeded", "retry later", "busy", "queue is full")
+TOO_LARGE_WORDS = ("larger than max", "message larger than", "size larger than")
+# Pause between busy retries without a hint grows to this (a busy answer is cheap for the server).
+BUSY_MAX_BACKOFF_S = 5.0
+# How long a stream without a deadline waits on a busy server before giving up.
+BUSY_STREAM_WAIT_S = 120.0
+# Deadline of a call by default (timeout=None), see call_deadline:
+# - DEADLINE_BASE_S: the fixed deadline every call had before, never less: connecting, a
+#   model load, a short queue ahead of this call, a slow link;
+# - DEADLINE_PER_CLICK_S: 4 nuclei/s, the slowest a server does: the published-width network
+#   did 4.2 nuclei/s on 2 CPU cores (docs/benchmarks.md), the shipped one about 100 there, so a
+#   loaded one-thread replica of the shipped network stays well within it.  Every click of the
+#   request counts, context too (their masks are computed);
+# - DEADLINE_PER_MEGAPIXEL_S: decoding, resampling and encoding a tile and sending its 3 MB a
+#   megapixel over a slow (~2 MB/s) link.
+DEADLINE_BASE_S = 120.0
+DEADLINE_PER_CLICK_S = 0.25
+DEADLINE_PER_MEGAPIXEL_S = 2.0
 SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
@@ -96,6 +131,7 @@ __all__ = [
     "ServerError",
     "ServerInfo",
     "TileJob",
+    "call_deadline",
     "plan_tiles",
     "segment",
 ]
@@ -192,15 +228,98 @@ def _transport_hint(detail: str, tls: bool) -> str:
     return ""
 
 
-def _rpc_error(target: str, err: grpc.RpcError, tls: bool = False) -> ServerError:
+def call_deadline(clicks: int = 0, megapixels: float = 0.0, in_flight: int = 1) -> float:
+    """The default deadline, in seconds, of a call that segments ``clicks``
+    clicks (context included) on a tile of ``megapixels``, while ``in_flight``
+    such calls of this client are out at once.
+
+    Why it scales: a fixed deadline fails big tiles on slow servers (a tile of
+    a thousand clicks on a loaded one-thread replica outlasted 120 s) and is
+    needlessly long for nothing.  Why times ``in_flight``: the server queues
+    calls, and the last of this client's tiles may wait for all the others
+    before its own work starts.  Constants: see DEADLINE_BASE_S."""
+    work = max(0, clicks) * DEADLINE_PER_CLICK_S + max(0.0, megapixels) * DEADLINE_PER_MEGAPIXEL_S
+    return DEADLINE_BASE_S + max(1, in_flight) * work
+
+
+def _detail(err: grpc.RpcError) -> str:
+    return (err.details() if hasattr(err, "details") else "") or str(err)
+
+
+def _too_large(detail: str) -> bool:
+    """gRPC's words for a message over the size limit (either side): permanent."""
+    low = detail.lower()
+    return any(w in low for w in TOO_LARGE_WORDS)
+
+
+def _retry_after_s(err: grpc.RpcError) -> float | None:
+    """The server's ``retry-after-ms`` trailing metadata, in seconds; None
+    when absent or not a number >= 0."""
+    try:
+        metadata = err.trailing_metadata() or ()
+    except Exception:  # an error raised before any call existed has none
+        return None
+    for key, value in metadata:
+        if key.lower() == RETRY_AFTER_KEY:
+            try:
+                ms = float(value.decode() if isinstance(value, bytes) else value)
+            except ValueError:
+                return None
+            return ms / 1000.0 if math.isfinite(ms) and ms >= 0 else None
+    return None
+
+
+def _busy(code: grpc.StatusCode | None, detail: str, hint: float | None) -> bool:
+    """Whether a RESOURCE_EXHAUSTED says "busy now, retry" rather than a limit
+    no retry can meet (see BUSY_WORDS)."""
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED or _too_large(detail):
+        return False
+    return hint is not None or any(w in detail.lower() for w in BUSY_WORDS)
+
+
+def _backoff(base: float, attempt: int, cap: float) -> float:
+    """Exponential backoff with equal jitter: between half and all of
+    ``base * 2**attempt`` (at most ``cap``), so clients refused together do
+    not all come back together."""
+    full = min(base * 2 ** min(attempt, 30), cap)
+    return full / 2 + random.uniform(0.0, full / 2)
+
+
+def _busy_pause(hint: float | None, base: float, attempt: int, cap: float) -> float:
+    """The pause before asking a busy server again: its hint, never less, plus
+    up to a quarter more (jitter); without a hint, :func:`_backoff`."""
+    if hint is not None:
+        return hint * random.uniform(1.0, 1.25)
+    return _backoff(base, attempt, max(cap, BUSY_MAX_BACKOFF_S))
+
+
+def _rpc_error(target: str, err: grpc.RpcError, tls: bool = False, timeout: float | None = None) -> ServerError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     name = code.name if code is not None else "UNKNOWN"
-    detail = (err.details() if hasattr(err, "details") else "") or str(err)
+    detail = _detail(err)
     if code == grpc.StatusCode.UNAVAILABLE:
         hint = _transport_hint(detail, tls)
         return ServerError(name, f"cannot reach the NuClick server at {target} ({detail}){hint}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return ServerError(name, f"the NuClick server at {target} did not answer in time ({detail})")
+        within = "in time" if timeout is None else f"within {timeout:g} s"
+        return ServerError(
+            name,
+            f"the NuClick server at {target} did not answer {within} ({detail}); a slow or loaded server needs "
+            "a longer deadline: --timeout SECONDS, or fewer tiles at once (--concurrency)",
+        )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _too_large(detail):
+        return ServerError(
+            name,
+            f"NuClick server {target}: {name}: {detail}; a message is over the size limit "
+            "('serve --max-message-mb' on the server)",
+        )
+    if _busy(code, detail, _retry_after_s(err)):
+        within = "" if timeout is None else f" for this call's deadline of {timeout:g} s"
+        return ServerError(
+            name,
+            f"the NuClick server at {target} stayed busy{within} ({detail}); retry later, give a longer "
+            "--timeout, send fewer tiles at once (--concurrency) or add replicas",
+        )
     return ServerError(name, f"NuClick server {target}: {name}: {detail}")
 
 
@@ -219,8 +338,11 @@ class NuClickClient:
 
     ``tls=True`` (or ``root_certificates``, a PEM path or bytes) uses TLS;
     ``token`` adds ``authorization: Bearer <token>`` to every call.
-    ``timeout`` is the default deadline of a call in seconds; ``retries``
-    how many times a call is retried while the server is UNAVAILABLE.
+    ``timeout`` is the deadline of every call in seconds, retries included;
+    None (the default) scales it with each call's work (:func:`call_deadline`:
+    never under the former fixed default of 120 s).  ``retries``: how many
+    times a call is sent again while the server is UNAVAILABLE; a busy server
+    is asked again until the deadline, never sooner than it asks.
     ``concurrency``: tiles in flight at once in :meth:`segment_tiled`.
     ``model``: the name of the server's model every tile goes to ("": its
     default).
@@ -233,7 +355,7 @@ class NuClickClient:
         token: str | None = None,
         tls: bool = False,
         root_certificates: bytes | str | Path | None = None,
-        timeout: float = 120.0,
+        timeout: float | None = None,
         retries: int = 6,
         backoff: float = 0.1,
         max_backoff: float = 2.0,
@@ -245,6 +367,8 @@ class NuClickClient:
         parsed = parse_target(target)
         if concurrency < 1:
             raise BridgeInputError(f"--concurrency must be at least 1, not {concurrency}")
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise BridgeInputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
         self.target = parsed.text
         self.grpc_target = parsed.grpc
         self.concurrency = int(concurrency)
@@ -277,7 +401,9 @@ class NuClickClient:
             self._channel = grpc.insecure_channel(parsed.grpc, options=options)
         self._stub = pb_grpc.NuClickStub(self._channel)
         self._info: ServerInfo | None = None
-        self.retry_count = 0  # calls retried because the server was UNAVAILABLE, over this client's life
+        # Calls sent again, over this client's life: all of them, and those because the server was busy.
+        self.retry_count = 0
+        self.busy_retry_count = 0
         self._count_lock = threading.Lock()
 
     @classmethod
@@ -301,14 +427,39 @@ class NuClickClient:
 
     # ------------------------------------------------------------ calling
 
-    def _call(self, method, request, timeout: float | None, stop: threading.Event | None = None):
-        """One call within its deadline, sent again (with backoff) after a
-        transient error, at most ``retries`` times.  ``stop`` (the run was
-        abandoned: another tile failed, Ctrl-C) cancels the call in flight, so
-        the server drops its work, and ends the retrying."""
-        timeout = self.timeout if timeout is None else timeout
+    def deadline_for(self, request: Any = None, in_flight: int = 1) -> float:
+        """The deadline, in seconds, of one call with ``request``: the client's
+        ``timeout`` when set, else :func:`call_deadline` of the request's clicks
+        and tile (a call without a tile gets the base)."""
+        if self.timeout is not None:
+            return float(self.timeout)
+        if isinstance(request, pb.SegmentRequest):
+            megapixels = request.tile.width * request.tile.height / 1e6
+            return call_deadline(len(request.clicks), megapixels, in_flight)
+        return call_deadline(in_flight=in_flight)
+
+    def _count(self, busy: bool) -> None:
+        with self._count_lock:
+            self.retry_count += 1
+            self.busy_retry_count += int(busy)
+
+    def _call(
+        self,
+        method,
+        request,
+        timeout: float | None,
+        stop: threading.Event | None = None,
+        in_flight: int = 1,
+    ):
+        """One call within its deadline (``timeout``, else :meth:`deadline_for`),
+        sent again after a transient error (at most ``retries`` times, with
+        backoff) and while the server is busy (until the deadline, honouring
+        its ``retry-after-ms``).  ``stop`` (the run was abandoned: another tile
+        failed, Ctrl-C) cancels the call in flight, so the server drops its
+        work, and ends the retrying."""
+        timeout = self.deadline_for(request, in_flight) if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        attempt = 0
+        attempt = busy_attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -318,16 +469,23 @@ class NuClickClient:
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else None
                 remaining = deadline - time.monotonic()
-                if code not in TRANSIENT or attempt >= self.retries or remaining <= 0:
-                    raise _rpc_error(self.target, err, self.tls) from None
-                pause = min(self.backoff * 2**attempt, self.max_backoff, remaining)
+                hint = _retry_after_s(err)
+                busy = _busy(code, _detail(err), hint)
+                if busy:
+                    pause = _busy_pause(hint, self.backoff, busy_attempt, self.max_backoff)
+                    busy_attempt += 1
+                    if pause >= remaining:  # the server asks for longer than this call has left
+                        raise _rpc_error(self.target, err, self.tls, timeout) from None
+                elif code in TRANSIENT and attempt < self.retries and remaining > 0:
+                    pause = min(_backoff(self.backoff, attempt, self.max_backoff), remaining)
+                    attempt += 1
+                else:
+                    raise _rpc_error(self.target, err, self.tls, timeout) from None
                 if stop is not None and stop.wait(pause):
-                    raise _rpc_error(self.target, err, self.tls) from None
+                    raise _rpc_error(self.target, err, self.tls, timeout) from None
                 if stop is None:
                     time.sleep(pause)
-                attempt += 1
-                with self._count_lock:
-                    self.retry_count += 1
+                self._count(busy)
 
     def info(self, timeout: float | None = None, refresh: bool = False) -> ServerInfo:
         """The server's model (the one ``model`` names), device and limits
@@ -403,11 +561,15 @@ class NuClickClient:
         """Many tiles over one ``SegmentStream``: results per job, in order,
         while the next tiles are being sent.  If the server becomes
         UNAVAILABLE mid-stream, the unanswered tiles are sent again on a new
-        stream (up to ``retries`` times).  ``timeout``: deadline of the whole
-        stream (default: none)."""
+        stream (up to ``retries`` times in a row); if it is busy (no stream
+        slot, or a tile refused as busy), they are sent again after its
+        ``retry-after-ms`` or a jittered backoff, until the deadline, or, with
+        none, after BUSY_STREAM_WAIT_S of busy answers in a row.  ``timeout``:
+        deadline of the whole stream (default: none)."""
         jobs = list(jobs)
         done = 0
-        attempt = 0
+        attempt = busy_attempt = 0
+        busy_since: float | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
         failed: list[BaseException] = []  # an error while preparing a tile (reading pixels), raised here
         while done < len(jobs):
@@ -424,38 +586,60 @@ class NuClickClient:
 
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             call = self._stub.SegmentStream(requests(), timeout=remaining, metadata=self._metadata)
+            busy = False
+            hint: float | None = None
+            error: ServerError | None = None
             try:
                 for resp in call:
                     job = jobs[done]
                     if resp.HasField("error"):
-                        raise ServerError(
-                            resp.error.code, f"NuClick server {self.target}: {resp.error.code}: {resp.error.message}"
-                        )
+                        code, message = resp.error.code, resp.error.message
+                        error = ServerError(code, f"NuClick server {self.target}: {code}: {message}")
+                        if code == "RESOURCE_EXHAUSTED" and _busy(grpc.StatusCode.RESOURCE_EXHAUSTED, message, None):
+                            busy = True  # this tile and the rest go again on a new stream
+                            break
+                        raise error
                     if resp.request_id != job.request_id:
                         raise ServerError(
                             "INTERNAL", f"server answered request {resp.request_id!r}, expected {job.request_id!r}"
                         )
                     results = self._results(resp, job)
                     done += 1
-                    attempt = 0
+                    attempt = busy_attempt = 0
+                    busy_since = None
                     yield results
-                if failed:
-                    raise failed[0]
-                if done < len(jobs):
-                    raise ServerError("INTERNAL", f"the stream ended after {done} of {len(jobs)} tiles")
+                else:
+                    if failed:
+                        raise failed[0]
+                    if done < len(jobs):
+                        raise ServerError("INTERNAL", f"the stream ended after {done} of {len(jobs)} tiles")
             except grpc.RpcError as err:
                 if failed:
                     raise failed[0] from None
                 code = err.code() if hasattr(err, "code") else None
-                late = deadline is not None and time.monotonic() >= deadline
-                if code not in TRANSIENT or attempt >= self.retries or late:
-                    raise _rpc_error(self.target, err, self.tls) from None
-                time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
-                attempt += 1
-                with self._count_lock:
-                    self.retry_count += 1
+                hint = _retry_after_s(err)
+                busy = _busy(code, _detail(err), hint)
+                error = _rpc_error(self.target, err, self.tls, timeout)
+                if not busy and (code not in TRANSIENT or attempt >= self.retries):
+                    raise error from None
             finally:
                 call.cancel()
+            if error is None:
+                continue  # every tile answered
+            now = time.monotonic()
+            if busy:
+                busy_since = now if busy_since is None else busy_since
+                pause = _busy_pause(hint, self.backoff, busy_attempt, self.max_backoff)
+                busy_attempt += 1
+                end = deadline if deadline is not None else busy_since + BUSY_STREAM_WAIT_S
+            else:
+                pause = _backoff(self.backoff, attempt, self.max_backoff)
+                attempt += 1
+                end = deadline
+            if end is not None and now + pause >= end:
+                raise error
+            time.sleep(pause)
+            self._count(busy)
 
     def segment_parallel(
         self,
@@ -471,7 +655,9 @@ class NuClickClient:
         ``(index of the job, its results)`` as tiles complete.  Pixels are read
         (``TileJob.image`` called) in the calling thread only, one tile at a
         time: readers need not be thread-safe.  Each tile is retried on its own
-        (:meth:`_call`), so a replica that dies costs only its tiles in flight."""
+        (:meth:`_call`), so a replica that dies costs only its tiles in flight.
+        Each tile's deadline: ``timeout``, else the client's, else
+        :func:`call_deadline` with ``concurrency`` tiles in flight."""
         n = self.concurrency if concurrency is None else int(concurrency)
         if n < 1:
             raise BridgeInputError(f"--concurrency must be at least 1, not {n}")
@@ -491,7 +677,7 @@ class NuClickClient:
                 if not job.request_id:
                     job.request_id = str(k)
                 req = self._request(job, encoding, simplify_tolerance)
-                inflight[pool.submit(self._call, self._stub.Segment, req, timeout, stop)] = (k, job)
+                inflight[pool.submit(self._call, self._stub.Segment, req, timeout, stop, n)] = (k, job)
                 yield from finished(n - 1)
             yield from finished(0)
         finally:
@@ -774,17 +960,20 @@ class RemoteSegmenter:
     @classmethod
     def from_args(cls, args) -> RemoteSegmenter:
         """From a command's ``--server`` (one server, a list, or a gRPC target
-        URI), ``--concurrency``, ``--model-name`` and ``--tolerance``; refuses
-        flags that only make sense in-process."""
+        URI), ``--concurrency``, ``--model-name``, ``--timeout`` (None: scaled
+        with each tile's work) and ``--tolerance``; refuses flags that only
+        make sense in-process."""
         if getattr(args, "method", "nuclick") != "nuclick":
             raise BridgeInputError("--server runs NuClick on the server; --method watershed runs only locally")
         for flag in ("weights", "threshold"):
             if getattr(args, flag, None) is not None:
                 raise BridgeInputError(f"--{flag} is set on the server ('nuclick-bridge serve --{flag}'), not here")
         parse_target(args.server)  # a bad target is one line before anything connects
-        client = NuClickClient.from_env(
-            str(args.server), concurrency=check_concurrency(args), model=getattr(args, "model_name", None) or ""
-        )
+        model = getattr(args, "model_name", None) or ""
+        kwargs: dict[str, Any] = {"concurrency": check_concurrency(args), "model": model}
+        if getattr(args, "timeout", None) is not None:  # else the client's default: scaled with the work
+            kwargs["timeout"] = float(args.timeout)
+        client = NuClickClient.from_env(str(args.server), **kwargs)
         return cls(client, getattr(args, "tolerance", None))
 
     def segment(self, reader: RegionReader, clicks: Sequence[Click], progress: bool = False):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from bridge.errors import BridgeInputError
 
@@ -52,8 +53,18 @@ MODEL_NAME_HELP = (
 )
 
 
+TIMEOUT_HELP = (
+    "with --server: how long each tile may take on the server, in seconds, waiting in its queue and retries "
+    "included; past it the command stops with an error. Default: scaled with the work, 120 s plus, for each "
+    "tile in flight, 0.25 s per click and 2 s per megapixel of the tile (time for a server doing 4 nuclei/s). "
+    "Raise it for a slow or shared server that still runs out of time; a busy server is asked again, as often "
+    "as it allows, until then"
+)
+
+
 def add_server_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--server, --concurrency and --model-name, the same for every command that can segment on a server."""
+    """--server, --concurrency, --model-name and --timeout, the same for every command that can segment on a
+    server."""
     p.add_argument("--server", default=None, metavar="TARGET", help=SERVER_HELP)
     p.add_argument(
         "--concurrency",
@@ -63,12 +74,18 @@ def add_server_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
         help="with --server: tiles in flight at once (default: 4; about 2 per replica keeps every replica busy)",
     )
     p.add_argument("--model-name", default=None, metavar="NAME", help=MODEL_NAME_HELP)
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
 
 
 def check_server_options(args: argparse.Namespace) -> None:
-    """One line for a bad --server or --concurrency, before any work starts."""
+    """One line for a bad --server, --concurrency or --timeout, before any work starts."""
     if getattr(args, "concurrency", None) is not None and not getattr(args, "server", None):
         raise BridgeInputError("--concurrency applies to --server only")
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not getattr(args, "server", None):
+        raise BridgeInputError("--timeout is the deadline of each call to a server (with --server)")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise BridgeInputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
     name = getattr(args, "model_name", None)
     if name is not None and not getattr(args, "server", None):
         raise BridgeInputError(

@@ -46,12 +46,20 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t0, 2),
     }
     client = getattr(segmenter, "client", None)
-    if client is not None:  # --server: tiles sent again because a replica was unavailable (none lost)
+    if client is not None:  # --server: tiles sent again because a replica was unavailable or busy (none lost)
+        busy = client.busy_retry_count
         summary["retries"] = client.retry_count
-        if client.retry_count:
+        summary["busy_retries"] = busy
+        if client.retry_count - busy:
             print(
-                f"note: {client.retry_count} tile(s) were sent again because a server was unavailable; "
+                f"note: {client.retry_count - busy} tile(s) were sent again because a server was unavailable; "
                 "every click was answered once",
+                file=sys.stderr,
+            )
+        if busy:
+            print(
+                f"note: a busy server asked for {busy} tile(s) to be sent again later; every click was answered "
+                "once (more replicas or fewer tiles at once, --concurrency, would spare the waiting)",
                 file=sys.stderr,
             )
     print(json.dumps(summary))
