@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 from bridge.errors import BridgeInputError
 
@@ -102,6 +107,52 @@ def check_server_options(args: argparse.Namespace) -> None:
         n = getattr(args, "concurrency", None)
         if n is not None and not 1 <= n <= 256:
             raise BridgeInputError(f"--concurrency must be between 1 and 256, not {n}")
+
+
+# errno values that say "this place cannot take the file", not a bug: one line, not "internal error".
+_NO_SPACE = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", errno.ENOSPC): "disk quota exceeded"}
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | Path, flag: str = "--out") -> Iterator[None]:
+    """Turn a full disk, a quota or a read-only file system met while writing
+    ``path`` into one readable line (a :class:`BridgeInputError`); the writers
+    used here (a spool, :func:`bridge.io.geojson.atomic_writer`) leave no
+    half-written file behind."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise BridgeInputError(
+                f"{_NO_SPACE[exc.errno]} writing {path}: free some space or choose another {flag}"
+            ) from None
+        if exc.errno == errno.EROFS:
+            raise BridgeInputError(f"read-only file system writing {path}: choose another {flag}") from None
+        raise
+
+
+def check_free_space(path: str | Path, needed: int, what: str, flag: str = "--out") -> None:
+    """Fail in one line, before any work, when the file system of ``path``
+    has less than ``needed`` bytes free (``what``: the estimate's basis)."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:  # a place that cannot say: the write itself will tell
+        return
+    if free < needed:
+        raise BridgeInputError(
+            f"not enough free space for {flag} {path}: {what} need about {_size(needed)}, {directory} has "
+            f"{_size(free)} free: free some space or choose another {flag}"
+        )
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def make_segmenter(args: argparse.Namespace):

@@ -122,11 +122,13 @@ def export(args: argparse.Namespace) -> int:
 
 def export_from(project, args: argparse.Namespace) -> int:
     """The ``qupath-export`` command on an opened project."""
+    from bridge.commands.common import disk_errors
     from bridge.connectors.qupath.run import export_image
     from bridge.io.geojson import atomic_write_text
 
     collection = export_image(project, args.image, args.run)
     n = len(collection["features"])
-    atomic_write_text(args.out, json.dumps(collection, allow_nan=False) + "\n")
+    with disk_errors(args.out):  # a full disk is one line; atomic_write_text leaves no partial file
+        atomic_write_text(args.out, json.dumps(collection, allow_nan=False) + "\n")
     print(json.dumps({"image": args.image, "detections": n, "out": str(args.out)}))
     return 0
