@@ -287,9 +287,11 @@ def _backoff(base: float, attempt: int, cap: float) -> float:
 
 def _busy_pause(hint: float | None, base: float, attempt: int, cap: float) -> float:
     """The pause before asking a busy server again: its hint, never less, plus
-    up to a quarter more (jitter); without a hint, :func:`_backoff`."""
+    up to a quarter more (jitter); without a hint, :func:`_backoff`.  A hint
+    under ``base`` counts as ``base``: a server answering "0 ms" must not be
+    asked in a tight loop."""
     if hint is not None:
-        return hint * random.uniform(1.0, 1.25)
+        return max(hint, base) * random.uniform(1.0, 1.25)
     return _backoff(base, attempt, max(cap, BUSY_MAX_BACKOFF_S))
 
 
