@@ -1,7 +1,7 @@
 """The HTTP port against clients that misbehave: stalled and trickling
 connections, many idle ones, slow bodies, malformed requests, and requests
 still running when the server stops.  Real servers on 127.0.0.1, real sockets;
-bounded in count and time (the long version is benchmarks/hostile_http.py)."""
+bounded in count and time (the long version is benchmarks/hostile.py)."""
 
 from __future__ import annotations
 
@@ -177,7 +177,10 @@ def test_connections_over_the_cap_are_closed_and_the_cap_frees_up():
     [
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n", 400),
-        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000, 400),  # a head over 64 kB
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000, 400),  # a head over 64 kB, unfinished
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),  # ... whole
+        (b"GET /healthz?" + b"q" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n", 505),
         (b"PATCH /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405),
         (b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
     ],

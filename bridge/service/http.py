@@ -98,6 +98,25 @@ def _error_response(exc: ServiceError, close: bool = False) -> Response:
     return Response(error_bytes(exc.code, exc.message), status, headers=headers, media_type=JSON)
 
 
+# h11 bounds a request head only while it is incomplete; a whole one that came in one read is measured here.
+MAX_HEAD = 64 * 1024
+MAX_TARGET = 8 * 1024
+
+
+def _head_refusal(scope) -> ServiceError | None:
+    """A request head that no client of ours sends: an HTTP version other than
+    1.0/1.1, a target over 8 kB, or a head over 64 kB in all."""
+    if scope.get("http_version") not in ("1.0", "1.1"):
+        return ServiceError("UNIMPLEMENTED", f"HTTP/{scope.get('http_version')} is not served", http_status=505)
+    target = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+    if target > MAX_TARGET:
+        return ServiceError("INVALID_ARGUMENT", f"the request target is over {MAX_TARGET} bytes", http_status=414)
+    head = target + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+    if head > MAX_HEAD:
+        return ServiceError("INVALID_ARGUMENT", f"the request head is over {MAX_HEAD} bytes", http_status=431)
+    return None
+
+
 def _parse_line(line: bytes) -> pb.SegmentRequest | ServiceError:
     try:
         return parse_request(line)
@@ -126,6 +145,10 @@ class _App:
         )
 
     async def __call__(self, scope, receive, send) -> None:
+        refusal = _head_refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await _error_response(refusal, close=True)(scope, receive, send)
+            return
         await self.starlette(scope, receive, send)
 
     # ----------------------------------------------------- around routes
@@ -475,7 +498,7 @@ class HttpGateway:
             headers=[("server", "nuclick-bridge")],
             timeout_keep_alive=int(max(1, keep_alive)),
             timeout_graceful_shutdown=int(max(1, shutdown_timeout)),
-            h11_max_incomplete_event_size=64 * 1024,
+            h11_max_incomplete_event_size=MAX_HEAD,
         )
         config.bridge_limits = ConnectionLimits(  # type: ignore[attr-defined]
             max_connections=max_connections,
