@@ -62,6 +62,11 @@ public final class SegmentJob {
         this.options = options;
     }
 
+    /** The client this job segments through. */
+    public NuClickHttpClient client() {
+        return client;
+    }
+
     /** The message for an empty selection. */
     public static String noPointsMessage() {
         return "No points to segment. Place points inside nuclei with QuPath's Points tool, then run Segment points"
@@ -111,25 +116,109 @@ public final class SegmentJob {
 
         report.update(0, 0, "Asking the server for its model");
         ModelInfo info = model != null ? model : client.modelInfo(stop);
-        Scale scale = Scale.choose(pixelSizeUm, info.pixelSizeUm());
-        double d = scale.downsample();
-        double f = scale.serverFactor();
+        Geometry geometry = geometry(info, pixelSizeUm);
+        List<TilePlan> plans = plan(clicks, inside, null, width, height, geometry);
+        segmentTiles(clicks, plans, width, height, pixelSizeUm, pixels, geometry, report, stop, results);
+        report.update(plans.size(), plans.size(), "Done");
+        return new Outcome(List.of(results), info, geometry.scale(), plans);
+    }
 
+    /**
+     * How a model sees an image: the downsample to read it at, and the model's sizes in that grid.
+     *
+     * @param model     the server's model
+     * @param scale     the downsample to read at, and the server's own resampling
+     * @param patch     the model's patch side in grid pixels (level-0 pixels divided by the downsample)
+     * @param sigma     the guidance maps' sigma in grid pixels
+     * @param maxTile   largest tile side in grid pixels
+     * @param maxClicks most clicks (members + context) in one request
+     */
+    public record Geometry(ModelInfo model, Scale scale, int patch, double sigma, int maxTile, int maxClicks) {
+
+        /** Level-0 Chebyshev distance within which the raw masks of two clicks can overlap: one patch. */
+        public double overlapLevel0() {
+            return patch * scale.downsample();
+        }
+
+        /** Level-0 Chebyshev distance within which a click's guidance reaches another click's patch. */
+        public double reachLevel0() {
+            return (patch / 2.0 + 4 * sigma + 1) * scale.downsample();
+        }
+    }
+
+    /** The geometry of {@code info} on an image of level-0 pixel size {@code pixelSizeUm} (NaN when unknown). */
+    public Geometry geometry(ModelInfo info, double pixelSizeUm) throws NuClickException {
+        Scale scale = Scale.choose(pixelSizeUm, info.pixelSizeUm());
+        double f = scale.serverFactor();
         // Plan in the grid the server sees (pixels at downsample d), with the model's sizes in that grid.
         int patch = (int) Math.ceil(info.patchSize() / f);
         double sigma = info.sigma() / f;
         int maxTile = (int) Math.floor(maxTileSide(info, options.maxTile()) / f);
         int maxClicks = Math.min(client.settings().maxClicksPerRequest(),
                 info.maxClicksPerRequest() > 0 ? info.maxClicksPerRequest() : Integer.MAX_VALUE);
+        return new Geometry(info, scale, patch, sigma, maxTile, maxClicks);
+    }
+
+    /**
+     * Segment only the clicks marked {@code wanted}; all the others are context (they guide and bound the
+     * wanted ones' nuclei exactly as in a whole-image run of every click, which {@link #run} equals too).
+     * Wanted clicks off the image get a "not found" result without a request; nothing is sent when no
+     * wanted click is on the image.
+     *
+     * @return one result per wanted click, in index order ({@link NucleusResult#index()} is the click's index)
+     */
+    public List<NucleusResult> runSome(List<Click> clicks, boolean[] wanted, int width, int height, double pixelSizeUm,
+                                       PixelSource pixels, Geometry geometry, BooleanSupplier cancelled)
+            throws NuClickException {
+        BooleanSupplier stop = cancelled == null ? () -> false : cancelled;
+        int n = clicks.size();
+        if (wanted.length != n) {
+            throw new IllegalArgumentException("clicks and wanted have different lengths");
+        }
+        NucleusResult[] results = new NucleusResult[n];
+        boolean[] inside = new boolean[n];
+        boolean any = false;
+        for (int k = 0; k < n; k++) {
+            Click c = clicks.get(k);
+            inside[k] = c.isFinite() && Coords.onImage(c.x(), c.y(), width, height);
+            if (wanted[k] && !inside[k]) {
+                results[k] = NucleusResult.notFound(k, c, "click (" + Format.coord(c.x()) + ", " + Format.coord(c.y())
+                        + ") is outside the image (" + width + " x " + height + ")");
+            }
+            any |= wanted[k] && inside[k];
+        }
+        if (any) {
+            List<TilePlan> plans = plan(clicks, inside, wanted, width, height, geometry);
+            segmentTiles(clicks, plans, width, height, pixelSizeUm, pixels, geometry, (d, t, m) -> { }, stop, results);
+        }
+        List<NucleusResult> out = new ArrayList<>();
+        for (int k = 0; k < n; k++) {
+            if (wanted[k]) {
+                out.add(results[k]);
+            }
+        }
+        return out;
+    }
+
+    private static List<TilePlan> plan(List<Click> clicks, boolean[] inside, boolean[] wanted, int width, int height,
+                                       Geometry g) throws NuClickException {
+        int n = clicks.size();
+        double d = g.scale().downsample();
         double[] gx = new double[n];
         double[] gy = new double[n];
         for (int k = 0; k < n; k++) {
             gx[k] = clicks.get(k).x() / d;
             gy[k] = clicks.get(k).y() / d;
         }
-        List<TilePlan> plans = Tiler.plan(gx, gy, inside, Coords.gridSize(width, d), Coords.gridSize(height, d), patch,
-                sigma, maxTile, maxClicks);
+        return Tiler.plan(gx, gy, inside, wanted, Coords.gridSize(width, d), Coords.gridSize(height, d), g.patch(),
+                g.sigma(), g.maxTile(), g.maxClicks());
+    }
 
+    /** Reads, sends and collects every planned tile, filling the members' results. */
+    private void segmentTiles(List<Click> clicks, List<TilePlan> plans, int width, int height, double pixelSizeUm,
+                              PixelSource pixels, Geometry g, Progress report, BooleanSupplier stop,
+                              NucleusResult[] results) throws NuClickException {
+        double d = g.scale().downsample();
         double sentPixelSize = pixelSizeUm > 0 && Double.isFinite(pixelSizeUm) ? pixelSizeUm : 0;
         for (int t = 0; t < plans.size(); t++) {
             if (stop.getAsBoolean()) {
@@ -160,8 +249,6 @@ public final class SegmentJob {
             client.checkModel(reply);
             collect(reply, plan, clicks, results);
         }
-        report.update(plans.size(), plans.size(), "Done");
-        return new Outcome(List.of(results), info, scale, plans);
     }
 
     /** Largest tile side in grid pixels that the server takes, in size and in bytes. */

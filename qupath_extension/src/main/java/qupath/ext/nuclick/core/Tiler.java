@@ -42,9 +42,21 @@ public final class Tiler {
      */
     public static List<TilePlan> plan(double[] xs, double[] ys, boolean[] inside, int width, int height, int patchSize,
                                       double sigma, int maxTile, int maxClicks) throws NuClickException {
+        return plan(xs, ys, inside, null, width, height, patchSize, sigma, maxTile, maxClicks);
+    }
+
+    /**
+     * The requests that answer only the clicks marked {@code wanted} (and on the image); every other click
+     * is context where the rules above need it, and its patch is covered when its raw mask takes part, so
+     * that the wanted clicks come out exactly as in a whole-image run of all clicks.  {@code wanted == null}
+     * wants every click (the plan above).
+     */
+    public static List<TilePlan> plan(double[] xs, double[] ys, boolean[] inside, boolean[] wanted, int width,
+                                      int height, int patchSize, double sigma, int maxTile, int maxClicks)
+            throws NuClickException {
         int n = xs.length;
-        if (ys.length != n || inside.length != n) {
-            throw new IllegalArgumentException("xs, ys and inside have different lengths");
+        if (ys.length != n || inside.length != n || (wanted != null && wanted.length != n)) {
+            throw new IllegalArgumentException("xs, ys, inside and wanted have different lengths");
         }
         if (patchSize < 1) {
             throw new IllegalArgumentException("patch size must be at least 1");
@@ -60,13 +72,14 @@ public final class Tiler {
         if (n == 0) {
             return List.of();
         }
-        return new Planner(xs, ys, inside, width, height, patchSize, sigma, maxTile, maxClicks).run();
+        return new Planner(xs, ys, inside, wanted, width, height, patchSize, sigma, maxTile, maxClicks).run();
     }
 
     private static final class Planner {
         final double[] xs;
         final double[] ys;
         final boolean[] inside;
+        final boolean[] wanted;
         final int width;
         final int height;
         final int patch;
@@ -78,11 +91,12 @@ public final class Tiler {
         final int[] oy;
         final Grid grid;
 
-        Planner(double[] xs, double[] ys, boolean[] inside, int width, int height, int patch, double sigma, int maxTile,
-                int maxClicks) {
+        Planner(double[] xs, double[] ys, boolean[] inside, boolean[] wanted, int width, int height, int patch,
+                double sigma, int maxTile, int maxClicks) {
             this.xs = xs;
             this.ys = ys;
             this.inside = inside;
+            this.wanted = wanted;
             this.width = width;
             this.height = height;
             this.patch = patch;
@@ -103,7 +117,7 @@ public final class Tiler {
         List<TilePlan> run() throws NuClickException {
             List<Integer> members = new ArrayList<>();
             for (int k = 0; k < xs.length; k++) {
-                if (inside[k]) {
+                if (inside[k] && (wanted == null || wanted[k])) {
                     members.add(k);
                 }
             }
