@@ -27,10 +27,12 @@ import java.util.concurrent.locks.ReentrantLock;
  * <p>
  * Calls never wait for the server: events are recorded under a short lock and one worker thread does the
  * rest, one round at a time.  Events that arrive while a round is at the server are coalesced into the next
- * round (the latest position of a point supersedes earlier ones); a result for a point that has since moved,
- * been deleted or had a neighbour change is dropped and segmented again, so no edit ever shows a stale,
- * duplicate or lost nucleus once the worker is idle.  Edits and the stop message are handed to the
- * {@code callbacks} executor in order, from the worker thread.
+ * round (the latest position of a point supersedes earlier ones).  A result for a point that has since moved,
+ * changed class or been deleted is dropped (and the point, if still there, segmented again); a result for a
+ * point whose neighbours changed meanwhile is shown and replaced in the next round, so that fast clicking
+ * shows nuclei as they come.  Once the worker is idle, the edits have left exactly one nucleus per point that
+ * has one, each for the point's latest place and class and the latest neighbours.  Edits and the stop message
+ * are handed to the {@code callbacks} executor in order, from the worker thread.
  * <p>
  * On any failure (server unreachable, refused, timeout, bad reply, pixels) the controller stops itself and
  * reports one message; it never touches points, only says which nuclei to show.
@@ -51,7 +53,8 @@ public final class LiveController implements AutoCloseable {
      *
      * @param pointId the point
      * @param result  its nucleus (found), or why it has none (its earlier nucleus, if any, goes)
-     * @param changed false when the same outline as the last one given for this point
+     * @param changed false when the same outline, place and class as the last one given for this point (nothing
+     *                to redraw)
      */
     public record Put(String pointId, NucleusResult result, boolean changed) {
     }
@@ -124,7 +127,7 @@ public final class LiveController implements AutoCloseable {
 
     private static final class Pt {
         Click click;
-        long gen;
+        long clickGen; // a new value whenever the point itself is added, moves or changes class
 
         Pt(Click click) {
             this.click = click;
@@ -234,7 +237,7 @@ public final class LiveController implements AutoCloseable {
                 }
                 p.click = c; // a class change alone redoes only this point
             }
-            p.gen = ++generation;
+            p.clickGen = ++generation;
             dirty.add(id);
             changed.signalAll();
         } finally {
@@ -303,9 +306,9 @@ public final class LiveController implements AutoCloseable {
         return !dirty.isEmpty() || !touched.isEmpty() || !deleted.isEmpty() || !removals.isEmpty();
     }
 
-    /** One round's snapshot: every point (context) and the ones to segment, with their generations. */
-    private record Round(List<String> ids, List<Click> clicks, boolean[] wanted, long[] gens, List<String> removals,
-                         boolean anyWanted) {
+    /** One round's snapshot: every point (context) and the ones to segment, with the generation of each click. */
+    private record Round(List<String> ids, List<Click> clicks, boolean[] wanted, long[] clickGens,
+                         List<String> removals, boolean anyWanted) {
     }
 
     private void work() {
@@ -403,8 +406,8 @@ public final class LiveController implements AutoCloseable {
     }
 
     /**
-     * Under the lock: the neighbours of every place touched since the last look become dirty (a new
-     * generation, so that a result already at the server for them is dropped), and deleted points' nuclei are
+     * Under the lock: the neighbours of every place touched since the last look become dirty (segmented again
+     * in the next round, even when a result for them is at the server now), and deleted points' nuclei are
      * queued for removal.
      */
     private void absorb() {
@@ -434,9 +437,7 @@ public final class LiveController implements AutoCloseable {
                 grid.collect(xs[k], ys[k], overlap, affected);
             }
             for (int k = affected.nextSetBit(0); k >= 0; k = affected.nextSetBit(k + 1)) {
-                String id = ids.get(k);
-                points.get(id).gen = ++generation;
-                dirty.add(id);
+                dirty.add(ids.get(k));
             }
             touched.clear();
         }
@@ -453,21 +454,21 @@ public final class LiveController implements AutoCloseable {
         List<String> ids = new ArrayList<>(n);
         List<Click> clicks = new ArrayList<>(n);
         boolean[] wanted = new boolean[n];
-        long[] gens = new long[n];
+        long[] clickGens = new long[n];
         boolean any = false;
         int k = 0;
         for (var e : points.entrySet()) {
             ids.add(e.getKey());
             clicks.add(e.getValue().click);
             wanted[k] = dirty.contains(e.getKey());
-            gens[k] = e.getValue().gen;
+            clickGens[k] = e.getValue().clickGen;
             any |= wanted[k];
             k++;
         }
         dirty.clear();
         List<String> gone = new ArrayList<>(removals);
         removals.clear();
-        return new Round(ids, clicks, wanted, gens, gone, any);
+        return new Round(ids, clicks, wanted, clickGens, gone, any);
     }
 
     /** Under the lock: the round's results that are still current, and its removals, as the next edit. */
@@ -478,10 +479,11 @@ public final class LiveController implements AutoCloseable {
             String id = round.ids().get(k);
             Pt p = points.get(id);
             segmented++;
-            if (p == null || p.gen != round.gens()[k]) {
-                dropped++; // moved, deleted or a neighbour changed since: segmented again in a later round
+            if (p == null || p.clickGen != round.clickGens()[k]) {
+                dropped++; // moved, deleted or reclassified since: never shown, segmented again if still there
                 continue;
             }
+            // A neighbour that changed since has made the point dirty again: shown now, replaced next round.
             NucleusResult before = shown.get(id);
             boolean same = before == null ? !r.found() && !foreign.contains(id)
                     : r.found() && before.polygon().equals(r.polygon()) && before.click().equals(r.click());

@@ -268,6 +268,26 @@ class LiveControllerTest {
     }
 
     @Test
+    void aResultWhoseNeighbourChangedWhileAtTheServerIsShownAndReplacedInTheNextRound() throws Exception {
+        var script = new Scripted();
+        var view = new LiveView();
+        try (var server = new FakeServer(script); var live = controller(server.settings(""), view)) {
+            script.gate = new CountDownLatch(1);
+            live.add("x", 1000.5, 1000.5, null);
+            assertTrue(script.entered.await(30, TimeUnit.SECONDS));
+            live.add("y", 1050.5, 1000.5, null); // x's neighbour, while x is at the server
+            script.gate.countDown();
+            idle(live);
+            assertEquals(List.of(Set.of(at(1000.5, 1000.5)), Set.of(at(1000.5, 1000.5), at(1050.5, 1000.5))),
+                    script.takeMembers());
+            assertEquals(2, view.edits.size());
+            assertEquals(Map.of("x", true), puts(view.edits.get(0)), "x is shown at once");
+            assertEquals(Map.of("x", false, "y", true), puts(view.edits.get(1)), "and redone with y");
+            assertEquals(0, live.stats().dropped());
+        }
+    }
+
+    @Test
     void aClosedPortStopsTheControllerWithOneMessageAndNoEdit() throws Exception {
         int port;
         try (var socket = new ServerSocket(0)) {
