@@ -8,6 +8,13 @@ A second test runs ``ModelsEndToEndTest`` against a real ``nuclick-bridge serve`
 process that holds two models: the extension lists them and segments with the one
 its "Model" setting names.
 
+A third runs ``LiveEndToEndTest`` (live mode) against a real ``nuclick-bridge serve``
+process with the shipped weights and a token: points added, moved and deleted one
+at a time and in bursts on a whole MoNuSeg image must end in the nuclei of the
+batch run for the same points (IoU >= 0.98 each); a server that goes away and a
+closed port stop live mode with one message.  Its click-to-nucleus latencies are
+printed (``pytest -s``), as information only.
+
 The Java side is compiled with the machine's javac (``--release 17``) against
 Debian's gson and JUnit 5 jars by ``qupath_extension/javatest.sh`` (build cached
 under the git-ignored ``qupath_extension/build/``), and run with JUnit's console
@@ -166,7 +173,7 @@ def test_java_core_segments_real_tiles_on_a_real_server(java_build, server, case
     assert counts.get("failed") == 0 and counts.get("successful") == counts.get("found") >= 7, report
 
 
-def _run_junit(test_class: str, env: dict[str, str], at_least: int) -> None:
+def _run_junit(test_class: str, env: dict[str, str], at_least: int) -> str:
     cmd = ["bash", str(JAVATEST), "test", "--select-class", test_class, "--details=tree", "--disable-ansi-colors"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, **env))
     report = out.stdout + out.stderr
@@ -175,6 +182,7 @@ def _run_junit(test_class: str, env: dict[str, str], at_least: int) -> None:
     counts = {k: int(v) for v, k in tally}
     assert counts.get("skipped") == 0 and counts.get("aborted") == 0, report  # the server was really used
     assert counts.get("failed") == 0 and counts.get("successful") == counts.get("found") >= at_least, report
+    return report
 
 
 def test_java_core_lists_the_servers_models_and_segments_with_the_one_named(java_build, tmp_path, monuseg_pair):
@@ -209,3 +217,28 @@ def test_java_core_lists_the_servers_models_and_segments_with_the_one_named(java
     with ServeProcess(files["default"], *flags) as srv:
         env = {"NUCLICK_MODELS_URL": f"http://{srv.http}", "NUCLICK_MODELS_IMAGE": str(png)}
         _run_junit("qupath.ext.nuclick.core.ModelsEndToEndTest", {**env, "NUCLICK_MODELS_CASE": str(case)}, 4)
+
+
+def test_java_live_mode_matches_the_batch_run_on_a_real_serve(java_build, tmp_path, monuseg_pair):
+    """Live mode (``LiveController``) against a real ``serve`` process with the shipped weights: one click per
+    nucleus of a whole MoNuSeg image is what the Java test picks its points from."""
+    img, lab = monuseg_pair
+    xy, _ = simulate_clicks(lab, jitter=3, seed=2)
+    clicks = [[float(x), float(y), "Tumor" if k % 3 == 0 else None] for k, (x, y) in enumerate(xy)]
+    assert len(clicks) > 150
+    png = tmp_path / "image.png"
+    Image.fromarray(np.ascontiguousarray(img)).save(png)
+    (tmp_path / "clicks.json").write_text(json.dumps(clicks))
+    (tmp_path / "token.txt").write_text(TOKEN + "\n")
+    weights = ROOT / "bridge" / "weights" / "nuclick_default.pt"
+    with ServeProcess(weights, "--token-file", str(tmp_path / "token.txt")) as srv:
+        env = {
+            "NUCLICK_LIVE_URL": f"http://{srv.http}",
+            "NUCLICK_LIVE_TOKEN": TOKEN,
+            "NUCLICK_LIVE_IMAGE": str(png),
+            "NUCLICK_LIVE_CLICKS": str(tmp_path / "clicks.json"),
+        }
+        report = _run_junit("qupath.ext.nuclick.core.LiveEndToEndTest", env, 5)
+    for line in report.splitlines():
+        if line.startswith("live "):
+            print(line)  # IoU against the batch run, and latencies (information only)
