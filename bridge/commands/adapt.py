@@ -93,10 +93,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
     p.add_argument(
-        "--no-threshold-search",
-        dest="calibrate",
-        action="store_false",
-        help="keep the starting threshold instead of choosing one on the trained nuclei",
+        "--threshold",
+        type=_threshold,
+        default=0.5,
+        metavar="T|search|keep",
+        help="the adapted file's probability threshold: a number (default: 0.5, where training puts your lab's "
+        "outline), 'search' for the best on the nuclei trained on, or 'keep' for the starting weights' (0.4 "
+        "for the shipped ones)",
+    )
+    p.add_argument(
+        "--no-threshold-search", dest="threshold", action="store_const", const="keep", help=argparse.SUPPRESS
     )
     p.add_argument(
         "--augment",
@@ -187,6 +193,19 @@ def omero_items(conn, args: argparse.Namespace, pixel_size_um: float) -> list:
     return _samples(omero_regions(conn, ids, args.region_class), args, pixel_size_um)
 
 
+def _threshold(text: str) -> float | str:
+    """``--threshold``'s value: 'search', 'keep' or a number between 0 and 1."""
+    if text in ("search", "keep"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, 'search' or 'keep', not {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
+    return value
+
+
 def config_from_args(args: argparse.Namespace):
     """The :class:`~bridge.train.adapt.AdaptConfig` the flags ask for."""
     from bridge.train.adapt import AdaptConfig
@@ -201,7 +220,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed,
         precision=args.precision,
         threads=args.threads,
-        calibrate=args.calibrate,
+        threshold=args.threshold,
         freeze_bn=args.freeze_bn,
         augment=args.augment,
     )
