@@ -1,5 +1,6 @@
 package qupath.ext.nuclick;
 
+import javafx.scene.control.CheckMenuItem;
 import javafx.scene.control.MenuItem;
 import javafx.scene.control.SeparatorMenuItem;
 import javafx.scene.input.KeyCode;
@@ -13,8 +14,8 @@ import qupath.lib.gui.extensions.QuPathExtension;
 /**
  * Extensions &gt; NuClick: click once inside each nucleus, get one polygon per click from a
  * {@code nuclick-bridge serve} server.  The menu and nothing else; the work is in
- * {@link SegmentPointsCommand}, {@link CheckServerCommand} and {@link NuClickPrefs}, over the plain-Java
- * core in {@code qupath.ext.nuclick.core}.  Help opens the README's section on the extension.
+ * {@link SegmentPointsCommand}, {@link LiveMode}, {@link CheckServerCommand} and {@link NuClickPrefs}, over the
+ * plain-Java core in {@code qupath.ext.nuclick.core}.  Help opens the README's section on the extension.
  */
 public class NuClickExtension implements QuPathExtension {
 
@@ -34,6 +35,12 @@ public class NuClickExtension implements QuPathExtension {
         segment.setOnAction(e -> command.run());
         segment.disableProperty().bind(command.runningProperty());
 
+        var live = new CheckMenuItem("Live mode");
+        live.setAccelerator(new KeyCodeCombination(KeyCode.N, KeyCombination.SHORTCUT_DOWN, KeyCombination.ALT_DOWN,
+                KeyCombination.SHIFT_DOWN));
+        var liveMode = new LiveMode(qupath);
+        live.selectedProperty().bindBidirectional(liveMode.onProperty());
+
         var settings = new MenuItem("Settings...");
         settings.setOnAction(e -> NuClickPrefs.showDialog());
 
@@ -43,7 +50,7 @@ public class NuClickExtension implements QuPathExtension {
         var help = new MenuItem("Help (opens the web page)");
         help.setOnAction(e -> QuPathGUI.openInBrowser(Help.README_SECTION));
 
-        menu.getItems().addAll(segment, new SeparatorMenuItem(), settings, check, new SeparatorMenuItem(), help);
+        menu.getItems().addAll(segment, live, new SeparatorMenuItem(), settings, check, new SeparatorMenuItem(), help);
     }
 
     @Override

@@ -50,6 +50,13 @@ final class NuClickPrefs {
     private static final BooleanProperty SERVER_SET_UP = PathPrefs.createPersistentPreference("nuclick.serverSetUp",
             false);
 
+    /** Whether live mode is on (Extensions > NuClick > Live mode); kept across QuPath restarts. */
+    private static final BooleanProperty LIVE_MODE = PathPrefs.createPersistentPreference("nuclick.liveMode", false);
+
+    static BooleanProperty liveModeProperty() {
+        return LIVE_MODE;
+    }
+
     /** False until the user saves the settings or accepts the default server; set-ups older than this key count. */
     static boolean isServerSetUp() {
         return SERVER_SET_UP.get() || !DEFAULTS.serverUrl().equals(URL.get()) || !TOKEN.get().isEmpty();

@@ -22,6 +22,7 @@ import qupath.lib.images.servers.PixelCalibration;
 import qupath.lib.objects.PathObject;
 import qupath.lib.objects.PathObjects;
 import qupath.lib.objects.PathROIObject;
+import qupath.lib.objects.classes.PathClass;
 import qupath.lib.objects.hierarchy.PathObjectHierarchy;
 import qupath.lib.regions.ImagePlane;
 import qupath.lib.roi.GeometryTools;
@@ -87,8 +88,6 @@ final class NucleusObjects {
     static RunSummary apply(PathObjectHierarchy hierarchy, PixelCalibration cal, NuClickSettings settings,
                             String runId, NucleusRules.Mode mode, List<PointRef> runPoints, int skipped, int repeated,
                             List<PointRef> segmented, List<NucleusResult> results) {
-        boolean micrometres = cal.hasPixelSizeMicrons();
-        double umPerPx2 = micrometres ? cal.getPixelWidthMicrons() * cal.getPixelHeightMicrons() : Double.NaN;
         var existing = ours(hierarchy);
         Set<String> doneNow = NucleusRules.keysWithNucleus(existing);
 
@@ -109,25 +108,10 @@ final class NucleusObjects {
                 skipped++; // a nucleus of ours appeared at this point while we worked: keep that one
                 continue;
             }
-            ROI roi = toRoi(r.polygon(), p.roi().getImagePlane());
-            var pathClass = p.annotation().getPathClass();
-            PathObject obj = settings.output() == NuClickSettings.Output.ANNOTATIONS
-                    ? PathObjects.createAnnotationObject(roi, pathClass)
-                    : PathObjects.createDetectionObject(roi, pathClass);
-            var marker = new Markers.Marker(runId, p.key());
-            obj.setName(marker.name());
-            var metadata = obj.getMetadata();
-            metadata.put(Markers.META_RUN, runId);
-            metadata.put(Markers.META_POINT_ID, p.annotationId());
-            metadata.put(Markers.META_POINT, p.key());
-            var ml = obj.getMeasurementList();
-            ml.put(AREA_PX, r.areaPx());
-            if (micrometres) {
-                ml.put(AREA_UM, r.areaPx() * umPerPx2);
-            }
-            ml.put(PROBABILITY, r.score());
+            PathObject obj = nucleus(r, p.annotation().getPathClass(), p.roi().getImagePlane(), p.annotationId(),
+                    p.key(), runId, settings, cal);
             created.add(obj);
-            createdOurs.add(new NucleusRules.Nucleus<>(obj, marker, p.annotationId()));
+            createdOurs.add(new NucleusRules.Nucleus<>(obj, new Markers.Marker(runId, p.key()), p.annotationId()));
             newKeys.add(p.key());
         }
 
@@ -178,6 +162,32 @@ final class NucleusObjects {
             hierarchy.fireHierarchyChangedEvent(NucleusObjects.class);
         }
         return summary;
+    }
+
+    /**
+     * The object for one found nucleus: a detection (or an annotation, as the settings say) with the polygon's
+     * ROI on {@code plane}, in {@code pathClass} (its point's class), named with our marker ({@code runId} and the
+     * point's {@code key}) and carrying the marker's metadata ({@code annotationId}: the point annotation's id)
+     * and the measurements (area in px^2, in µm^2 on calibrated images, and the NuClick probability).
+     */
+    static PathObject nucleus(NucleusResult r, PathClass pathClass, ImagePlane plane, String annotationId, String key,
+                              String runId, NuClickSettings settings, PixelCalibration cal) {
+        ROI roi = toRoi(r.polygon(), plane);
+        PathObject obj = settings.output() == NuClickSettings.Output.ANNOTATIONS
+                ? PathObjects.createAnnotationObject(roi, pathClass)
+                : PathObjects.createDetectionObject(roi, pathClass);
+        obj.setName(new Markers.Marker(runId, key).name());
+        var metadata = obj.getMetadata();
+        metadata.put(Markers.META_RUN, runId);
+        metadata.put(Markers.META_POINT_ID, annotationId);
+        metadata.put(Markers.META_POINT, key);
+        var ml = obj.getMeasurementList();
+        ml.put(AREA_PX, r.areaPx());
+        if (cal.hasPixelSizeMicrons()) {
+            ml.put(AREA_UM, r.areaPx() * cal.getPixelWidthMicrons() * cal.getPixelHeightMicrons());
+        }
+        ml.put(PROBABILITY, r.score());
+        return obj;
     }
 
     /** Removing some points of one point annotation: how many, which stay, and the change itself. */
