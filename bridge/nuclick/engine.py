@@ -21,7 +21,7 @@ from bridge.errors import BridgeInputError
 from bridge.io.coords import to_local
 from bridge.io.imageio import RegionReader
 from bridge.model.fusion import fold_batchnorm
-from bridge.model.onnxrt import OnnxNetwork, resolve_backend
+from bridge.model.onnxrt import OnnxNetwork, load_network, resolve_backend
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, resolve_device
 from bridge.nuclick.guidance import guidance_pair
@@ -90,6 +90,7 @@ class NuClickEngine(PatchSegmenter):
         tta: int = 1,
         backend: str = "torch",
         threads: int = 0,
+        network: OnnxNetwork | None = None,
     ) -> None:
         if batch_size < 1:
             raise BridgeInputError("batch size must be at least 1")
@@ -99,13 +100,16 @@ class NuClickEngine(PatchSegmenter):
         self.tta = tta
         self.precision = resolve_precision(precision, self.device)
         self.backend = resolve_backend(backend, self.device, self.precision)
-        # A copy with BatchNorm folded into the convolutions: same outputs, less work.
-        folded = fold_batchnorm(model)
-        if self.backend == "onnxruntime":
+        if network is not None:  # the network load() built (bridge.model.onnxrt.load_network, maybe cached)
+            if self.backend != "onnxruntime":
+                raise BridgeInputError(f"a prebuilt ONNX Runtime network cannot run on the {self.backend} backend")
+            self.model = network
+        elif self.backend == "onnxruntime":
+            # BatchNorm folded into the convolutions (same outputs, less work), exported;
             # threads: ONNX Runtime's CPU threads (0: as many as torch uses)
-            self.model = OnnxNetwork(folded, info.patch_size, threads or None)
+            self.model = OnnxNetwork(fold_batchnorm(model), info.patch_size, threads or None)
         else:
-            self.model = prepare(folded, self.device)
+            self.model = prepare(fold_batchnorm(model), self.device)
         self.info = info
         self.batch_size = batch_size
         self.threshold = info.threshold if threshold is None else threshold
@@ -119,9 +123,24 @@ class NuClickEngine(PatchSegmenter):
         cls, weights: str | Path | None = None, device: str = "auto", model: str = "accurate", **kwargs
     ) -> NuClickEngine:
         """The engine for a weights file (default: the shipped one); ``model``
-        is ``--model``: accurate (the whole file) or fast (see load_model)."""
-        model, info = load_model(weights, model)
-        return cls(model, info, device=device, **kwargs)
+        is ``--model``: accurate (the whole file) or fast (see load_model).
+
+        Where the network will run on ONNX Runtime (fp32 on the CPU), it comes
+        from :func:`bridge.model.onnxrt.load_network`: from the on-disk cache of
+        exported networks when that holds these weights, without loading them
+        into torch."""
+        try:
+            dev = resolve_device(device)
+            backend = resolve_backend(
+                kwargs.get("backend", "torch"), dev, resolve_precision(kwargs.get("precision", "auto"), dev)
+            )
+        except BridgeInputError:  # the constructor says why, after the weights file was checked (as before)
+            dev, backend = device, None
+        if backend == "onnxruntime":
+            network, info = load_network(weights, model, kwargs.get("threads", 0) or None)
+            return cls(None, info, device=dev, network=network, **kwargs)
+        net, info = load_model(weights, model)
+        return cls(net, info, device=dev, **kwargs)
 
     @torch.inference_mode()
     def predict(self, batch: np.ndarray) -> np.ndarray:
