@@ -65,6 +65,13 @@ class LiveView implements LiveController.Listener {
         return new ArrayList<>(latenciesMs);
     }
 
+    /** The latencies so far, forgotten here. */
+    synchronized List<Double> takeLatencies() {
+        List<Double> out = new ArrayList<>(latenciesMs);
+        latenciesMs.clear();
+        return out;
+    }
+
     /** "n=12 p50=80 ms p95=140 ms max=150 ms" (information only). */
     static String describe(List<Double> ms) {
         if (ms.isEmpty()) {
