@@ -163,6 +163,38 @@ class SegmentJobTest {
     }
 
     @Test
+    void runSomeAnswersOnlyTheWantedClicksWithTheOthersAsContext() throws Exception {
+        try (var server = new FakeServer(fakeNuclick(FakeServer.modelJson(0.25, 4096, 1000, false)))) {
+            var job = new SegmentJob(new NuClickHttpClient(server.settings("")));
+            var geometry = job.geometry(job.client().modelInfo(null), 0.25);
+            List<Click> clicks = List.of(new Click(500.5, 500.5), new Click(560.5, 500.5), new Click(1500.5, 500.5),
+                    new Click(-3, 5));
+            var results = job.runSome(clicks, new boolean[] {false, true, false, true}, 2000, 1000, 0.25,
+                    new GreyPixels(), geometry, null);
+            assertEquals(2, results.size());
+            assertEquals(1, results.get(0).index());
+            assertTrue(results.get(0).found());
+            assertEquals(3, results.get(1).index());
+            assertEquals("click (-3.0, 5.0) is outside the image (2000 x 1000)", results.get(1).reason());
+            List<JsonObject> requests = segmentRequests(server);
+            assertEquals(1, requests.size());
+            List<String> members = new ArrayList<>();
+            List<String> context = new ArrayList<>();
+            for (var el : requests.get(0).getAsJsonArray("clicks")) {
+                JsonObject c = el.getAsJsonObject();
+                boolean ctx = c.has("contextOnly") && c.get("contextOnly").getAsBoolean();
+                (ctx ? context : members).add(c.get("id").getAsString());
+            }
+            assertEquals(List.of("1"), members);
+            assertEquals(List.of("0"), context);
+            // Only off-image clicks wanted: answered without a request.
+            assertEquals(1, job.runSome(clicks, new boolean[] {false, false, false, true}, 2000, 1000, 0.25,
+                    new GreyPixels(), geometry, null).size());
+            assertEquals(1, segmentRequests(server).size());
+        }
+    }
+
+    @Test
     void aFinerImageIsReadAtTheModelsDownsampleAndPolygonsStayInLevel0() throws Exception {
         try (var server = new FakeServer(fakeNuclick(FakeServer.modelJson(0.25, 4096, 1000, false)))) {
             var pixels = new GreyPixels();

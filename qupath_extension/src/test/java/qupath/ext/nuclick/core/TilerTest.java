@@ -38,6 +38,25 @@ class TilerTest {
     }
 
     @Test
+    void aPlanForSomeClicksAnswersOnlyThemAndCoversThePatchesOfTheOthersThatTakePart() throws Exception {
+        double[] xs = {500.5, 600.5, 670.5, 900.5, 2000.5};
+        double[] ys = {500.5, 500.5, 500.5, 500.5, 500.5};
+        boolean[] inside = {true, true, true, true, true};
+        // Only click 0 is wanted: 1 overlaps its patch (ring 1), 2 is in 1's guidance reach (ring 2), 3 and 4 are
+        // out of reach.  The tile covers the patches of 0 and 1, whose raw masks take part.
+        List<TilePlan> plans = Tiler.plan(xs, ys, inside, new boolean[] {true, false, false, false, false}, 4000, 1000,
+                P, S, 2048, 1000);
+        assertEquals(List.of(new TilePlan(436, 436, 228, 128, new int[] {0}, new int[] {1, 2})), plans);
+        // Nothing wanted: nothing to send.
+        assertTrue(Tiler.plan(xs, ys, inside, new boolean[5], 4000, 1000, P, S, 2048, 1000).isEmpty());
+        // Everything wanted: the plan of all clicks.
+        assertEquals(Tiler.plan(xs, ys, inside, 4000, 1000, P, S, 2048, 1000),
+                Tiler.plan(xs, ys, inside, new boolean[] {true, true, true, true, true}, 4000, 1000, P, S, 2048, 1000));
+        assertThrows(IllegalArgumentException.class,
+                () -> Tiler.plan(xs, ys, inside, new boolean[2], 4000, 1000, P, S, 2048, 1000));
+    }
+
+    @Test
     void oneClickGetsItsPatchClippedToTheImage() throws Exception {
         List<TilePlan> plans = plan(new double[][] {{500.5, 40.5}}, 1000, 1000, 2048, 1000);
         assertEquals(List.of(new TilePlan(436, 0, 128, 104, new int[] {0}, new int[0])), plans);
