@@ -371,7 +371,7 @@ public final class LiveController implements AutoCloseable {
                 } finally {
                     lock.unlock();
                 }
-                if (edit != null) {
+                if (edit != null && !closed) {
                     callbacks.execute(() -> listener.edit(edit));
                 }
                 lock.lock();

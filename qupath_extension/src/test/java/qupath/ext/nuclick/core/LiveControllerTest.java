@@ -31,7 +31,7 @@ class LiveControllerTest {
     static final String MODEL = FakeServer.modelJson(0.25, 4096, 1000, false);
 
     /** The scripted server, with a gate that can hold segment requests, and the members of each request. */
-    static final class Scripted implements FakeServer.Handler {
+    static class Scripted implements FakeServer.Handler {
         final FakeServer.Handler inner = SegmentJobTest.fakeNuclick(MODEL);
         final List<Set<String>> members = new ArrayList<>();
         volatile CountDownLatch gate = new CountDownLatch(0);
@@ -246,6 +246,55 @@ class LiveControllerTest {
                 }
             }
             assertTrue(view.stops.isEmpty());
+        }
+    }
+
+    @Test
+    void randomEventsAtRandomSpeedsEndInExactlyTheNucleiOfTheLastPoints() throws Exception {
+        var random = new java.util.Random(7);
+        Scripted script = new Scripted() {
+            @Override
+            public FakeServer.Reply handle(FakeServer.Request r) throws Exception {
+                Thread.sleep(random.nextInt(30)); // a server of uneven speed
+                return super.handle(r);
+            }
+        };
+        var view = new LiveView();
+        Map<String, double[]> last = new LinkedHashMap<>();
+        try (var server = new FakeServer(script); var live = controller(server.settings(""), view)) {
+            for (int step = 0; step < 400; step++) {
+                String id = "p" + random.nextInt(40);
+                int what = random.nextInt(10);
+                if (what < 2) {
+                    live.delete(id);
+                    last.remove(id);
+                } else {
+                    // Some points land left of x = 100, where this server finds no nucleus.
+                    double x = 50.5 + random.nextInt(1900);
+                    double y = 100.5 + random.nextInt(1800);
+                    live.move(id, x, y, what == 9 ? "Tumor" : null);
+                    last.put(id, new double[] {x, y, what == 9 ? 1 : 0});
+                }
+                if (random.nextInt(4) == 0) {
+                    Thread.sleep(random.nextInt(8));
+                }
+            }
+            idle(live);
+            var shown = view.snapshot();
+            for (var e : last.entrySet()) {
+                NucleusResult r = shown.remove(e.getKey());
+                double[] at = e.getValue();
+                if (at[0] < 100) {
+                    assertNull(r, e.getKey() + " has no nucleus where it is");
+                    continue;
+                }
+                assertTrue(r != null, e.getKey() + " lost its nucleus");
+                assertEquals(new Click(at[0], at[1], at[2] == 1 ? "Tumor" : null), r.click(), e.getKey());
+                assertTrue(r.polygon().contains(at[0], at[1]));
+            }
+            assertTrue(shown.isEmpty(), "nuclei of deleted points: " + shown.keySet());
+            assertTrue(view.stops.isEmpty());
+            assertTrue(live.stats().rounds() < 400, "coalesced: " + live.stats());
         }
     }
 
