@@ -92,7 +92,7 @@ final class LiveMode {
         current.close();
         current = null;
         on.set(false);
-        Notify.error(TITLE, message + "\nLive mode is off; turn it on again (Extensions > NuClick > Live mode) when"
-                + " the server is back. The points are as you left them.");
+        Notify.error(TITLE, message + "\nLive mode is off; turn it on again (Extensions > NuClick > Live mode) once"
+                + " this is fixed. The points are as you left them.");
     }
 }
