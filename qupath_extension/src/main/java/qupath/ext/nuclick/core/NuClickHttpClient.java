@@ -18,6 +18,7 @@ import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.ExecutionException;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.TimeoutException;
+import java.util.concurrent.atomic.AtomicLong;
 import java.util.function.BooleanSupplier;
 import javax.net.ssl.SSLException;
 
@@ -31,6 +32,11 @@ public final class NuClickHttpClient {
 
     /** How often a waiting call looks at its cancel flag. */
     private static final long POLL_MS = 100;
+    /** The pauses before asking a busy server again, when it gives no Retry-After. */
+    private static final double MIN_PAUSE_S = 0.5;
+    private static final double MAX_PAUSE_S = 5.0;
+
+    private final AtomicLong busyRetries = new AtomicLong();
 
     private final NuClickSettings settings;
     private final HttpClient http;
@@ -91,8 +97,70 @@ public final class NuClickHttpClient {
         }
     }
 
-    /** One HTTP call; the body of a 200 reply, else a NuClickException. */
+    /**
+     * One HTTP call; the body of a 200 reply, else a NuClickException. A busy server (429 RESOURCE_EXHAUSTED, its
+     * queue full) or one shutting down or restarting (503 UNAVAILABLE) is asked again after its {@code Retry-After}
+     * (else a doubling pause from 0.5 s to 5 s, with jitter), until the call's timeout has passed since the first try.
+     */
     String call(String method, String path, String body, BooleanSupplier cancelled) throws NuClickException {
+        long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(settings.timeoutSeconds());
+        double pauseS = MIN_PAUSE_S;
+        while (true) {
+            HttpResponse<String> response = send(method, path, body, cancelled);
+            int status = response.statusCode();
+            if (status == 200) {
+                return response.body();
+            }
+            NuClickException error = httpError(response.uri(), method, status, response.body());
+            if (!retryable(status, error.code())) {
+                throw error;
+            }
+            double waitS = response.headers().firstValue("Retry-After").map(NuClickHttpClient::seconds).orElse(pauseS);
+            waitS = Math.max(waitS, MIN_PAUSE_S) * (1 + 0.25 * Math.random());
+            pauseS = Math.min(MAX_PAUSE_S, pauseS * 2);
+            if (System.nanoTime() + (long) (waitS * 1e9) > deadline) {
+                throw error;
+            }
+            busyRetries.incrementAndGet();
+            pause(waitS, cancelled);
+        }
+    }
+
+    /** Calls asked again because the server was busy or restarting, over this client's life. */
+    public long busyRetries() {
+        return busyRetries.get();
+    }
+
+    static boolean retryable(int status, String code) {
+        return (status == 429 && "RESOURCE_EXHAUSTED".equals(code)) || (status == 503 && "UNAVAILABLE".equals(code));
+    }
+
+    /** {@code Retry-After} in seconds (the HTTP-date form is not used by our server: treated as absent). */
+    static double seconds(String value) {
+        try {
+            return Math.max(0, Double.parseDouble(value.trim()));
+        } catch (NumberFormatException e) {
+            return MIN_PAUSE_S;
+        }
+    }
+
+    private static void pause(double seconds, BooleanSupplier cancelled) throws NuClickException {
+        long end = System.nanoTime() + (long) (seconds * 1e9);
+        try {
+            while (System.nanoTime() < end) {
+                if (cancelled != null && cancelled.getAsBoolean()) {
+                    throw cancelledError();
+                }
+                Thread.sleep(Math.max(1, Math.min(POLL_MS, (end - System.nanoTime()) / 1_000_000)));
+            }
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+            throw cancelledError();
+        }
+    }
+
+    private HttpResponse<String> send(String method, String path, String body, BooleanSupplier cancelled)
+            throws NuClickException {
         URI uri = settings.endpoint(path);
         HttpRequest.Builder b = HttpRequest.newBuilder(uri)
                 .timeout(Duration.ofSeconds(settings.timeoutSeconds()))
@@ -106,13 +174,7 @@ public final class NuClickHttpClient {
             b.header("Content-Type", "application/json");
             b.POST(HttpRequest.BodyPublishers.ofByteArray(body.getBytes(StandardCharsets.UTF_8)));
         }
-        HttpResponse<String> response = await(http.sendAsync(b.build(), HttpResponse.BodyHandlers.ofString(StandardCharsets.UTF_8)),
-                uri, cancelled);
-        int status = response.statusCode();
-        if (status == 200) {
-            return response.body();
-        }
-        throw httpError(uri, method, status, response.body());
+        return await(http.sendAsync(b.build(), HttpResponse.BodyHandlers.ofString(StandardCharsets.UTF_8)), uri, cancelled);
     }
 
     private HttpResponse<String> await(CompletableFuture<HttpResponse<String>> future, URI uri, BooleanSupplier cancelled)
@@ -241,8 +303,10 @@ public final class NuClickHttpClient {
             case "NOT_FOUND", "UNIMPLEMENTED" -> " Is " + where + " the base URL of the server, without a path?";
             case "RESOURCE_EXHAUSTED" -> status == 413
                     ? " Lower 'Max clicks per request', or start the server with a larger --max-message-mb."
-                    : " The server is busy; try again in a moment.";
-            case "UNAVAILABLE" -> " The server is shutting down or restarting; try again in a moment.";
+                    : " The server stayed busy for the whole timeout; try again later, raise the timeout in"
+                    + " Extensions > NuClick > Settings, or ask for more replicas.";
+            case "UNAVAILABLE" -> " The server stayed unavailable (shutting down or restarting) for the whole timeout;"
+                    + " try again in a moment.";
             case "PERMISSION_DENIED" -> " Check the token in Extensions > NuClick > Settings.";
             default -> "";
         };

@@ -1,6 +1,7 @@
 package qupath.ext.nuclick.core;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertNull;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
@@ -187,6 +188,58 @@ class HttpClientTest {
             NuClickException c = assertThrows(NuClickException.class, () -> client.modelInfo(cancel::get));
             assertEquals(NuClickException.Kind.CANCELLED, c.kind());
             assertTrue((System.nanoTime() - t0) / 1e9 < 2.0, "cancel took too long");
+        }
+    }
+
+    @Test
+    void aBusyServerIsAskedAgainAfterItsRetryAfter() throws Exception {
+        var busy = new java.util.concurrent.atomic.AtomicInteger(2);
+        String full = "{\"code\": \"RESOURCE_EXHAUSTED\", \"message\": \"the server is busy: its queue is full\"}";
+        try (var server = new FakeServer(r -> busy.getAndDecrement() > 0
+                ? new FakeServer.Reply(429, full, java.util.Map.of("Retry-After", "1"))
+                : new FakeServer.Reply(200, ProtocolTest.REPLY))) {
+            var client = new NuClickHttpClient(server.settings(""));
+            long t0 = System.nanoTime();
+            var reply = client.segment("{\"clicks\": []}", null);
+            double waited = (System.nanoTime() - t0) / 1e9;
+            assertEquals(3, server.requests.size());
+            assertEquals(2, client.busyRetries());
+            assertFalse(reply.results().isEmpty());
+            assertTrue(waited >= 2.0, "asked again before the Retry-After had passed: " + waited + " s");
+        }
+    }
+
+    @Test
+    void aServerBusyForTheWholeTimeoutIsOneClearError() throws Exception {
+        String full = "{\"code\": \"RESOURCE_EXHAUSTED\", \"message\": \"the server is busy: its queue is full\"}";
+        try (var server = new FakeServer(r -> new FakeServer.Reply(429, full, java.util.Map.of("Retry-After", "1")))) {
+            var s = new NuClickSettings(server.url(), "", NuClickSettings.Output.DETECTIONS, false, 1000, 2);
+            NuClickException e = assertThrows(NuClickException.class,
+                    () -> new NuClickHttpClient(s).segment("{\"clicks\": []}", null));
+            assertEquals("RESOURCE_EXHAUSTED", e.code());
+            assertTrue(e.getMessage().contains("stayed busy for the whole timeout"), e.getMessage());
+            assertTrue(server.requests.size() >= 2 && server.requests.size() <= 3, "requests: " + server.requests.size());
+        }
+    }
+
+    @Test
+    void tooLargeAndBadRequestsAreNotAskedAgain() throws Exception {
+        try (var server = new FakeServer(r -> new FakeServer.Reply(413,
+                "{\"code\": \"RESOURCE_EXHAUSTED\", \"message\": \"request body of 9 bytes is over the limit\"}"))) {
+            assertThrows(NuClickException.class, () -> new NuClickHttpClient(server.settings("")).segment("{}", null));
+            assertEquals(1, server.requests.size());
+        }
+    }
+
+    @Test
+    void aWaitForABusyServerCanBeCancelled() throws Exception {
+        String full = "{\"code\": \"RESOURCE_EXHAUSTED\", \"message\": \"the server is busy\"}";
+        try (var server = new FakeServer(r -> new FakeServer.Reply(429, full, java.util.Map.of("Retry-After", "30")))) {
+            long t0 = System.nanoTime();
+            var s = new NuClickSettings(server.url(), "", NuClickSettings.Output.DETECTIONS, false, 1000, 120);
+            NuClickException e = assertThrows(NuClickException.class, () -> new NuClickHttpClient(s)
+                    .segment("{}", () -> System.nanoTime() - t0 > 300_000_000L));
+            assertEquals(NuClickException.Kind.CANCELLED, e.kind());
         }
     }
 }
