@@ -261,3 +261,36 @@ def test_the_least_recently_used_entries_go_beyond_the_size_limit(tmp_path):
     cache.prune(max_bytes=2 * 1200)
     assert [cache.path(k).exists() for k in keys] == [True, False, False, True]
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("server_running", [False, True])
+def test_start_up_work_runs_in_one_torch_thread_unless_a_server_computes(monkeypatch, server_running):
+    """Reading and folding the weights in one thread (each of their small operations waits for all
+    of torch's threads otherwise); not while a server's inference threads, which take torch's
+    process-wide count when they first compute, are alive; the count is given back."""
+    import threading
+
+    import torch
+
+    from bridge.nuclick import engine as engine_module
+
+    seen = []
+
+    def load_model_watched(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load_model", load_model_watched)
+    before = torch.get_num_threads()
+    stop = threading.Event()
+    inference = threading.Thread(target=stop.wait, name=onnxrt.INFERENCE_THREAD_PREFIX + "-test", daemon=True)
+    try:
+        torch.set_num_threads(2)
+        if server_running:
+            inference.start()
+        NuClickEngine.load(device="cpu", precision="fp32", backend="torch")
+        assert seen == [2 if server_running else 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        stop.set()
+        torch.set_num_threads(before)

@@ -32,6 +32,7 @@ import json
 import logging
 import platform
 import warnings
+from collections.abc import Iterator
 from importlib import metadata, util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,38 @@ def _default_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+# The server's inference threads (bridge.service.batching): see one_torch_thread.
+INFERENCE_THREAD_PREFIX = "nuclick-batcher"
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch's start-up work in one CPU thread: reading the weights, folding, the
+    channels-last copies, the export.  These are thousands of small operations, and
+    every one that torch splits over its threads waits until all of them have run:
+    on 2 cores that other work keeps busy, the shipped network's load_model took
+    1.5 s instead of 0.35 s, fold_batchnorm 1.9 s instead of 0.1 s.  The calling
+    thread gets its count back afterwards.
+
+    Torch's count is per thread, but a thread takes the process-wide default, which
+    set_num_threads also sets, when it first computes: a server's inference thread
+    that had not computed yet would keep 1 for good.  So while one is alive (a
+    reload of ``serve``'s models) this does nothing."""
+    import threading
+
+    import torch
+
+    n = torch.get_num_threads()
+    alone = n > 1 and not any(t.name.startswith(INFERENCE_THREAD_PREFIX) for t in threading.enumerate())
+    if alone:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if alone:
+            torch.set_num_threads(n)
 
 
 def _session(model: bytes, threads: int | None, optimized: bool = False, save_to: Path | None = None):
@@ -292,6 +325,7 @@ def load_network(
     from bridge.model.weights import default_weights_path, file_sha256, load_model
 
     path = Path(weights) if weights is not None else default_weights_path()
+    threads = threads or _default_threads()  # before one_torch_thread(), which would make it 1
     cache = ExportCache.from_env()
     if cache is not None and path.is_file():
         try:
@@ -321,8 +355,9 @@ def load_network(
                 else:
                     STATS["export_hits"] += 1
                     return net, info
-    model, info = load_model(weights, choice)
-    data = export_onnx(fold_batchnorm(model), info.patch_size)
+    with one_torch_thread():
+        model, info = load_model(weights, choice)
+        data = export_onnx(fold_batchnorm(model), info.patch_size)
     meta = _meta(info)
     if cache is None or meta is None:
         return OnnxNetwork(data, threads=threads), info

@@ -21,7 +21,7 @@ from bridge.errors import BridgeInputError
 from bridge.io.coords import to_local
 from bridge.io.imageio import RegionReader
 from bridge.model.fusion import fold_batchnorm
-from bridge.model.onnxrt import OnnxNetwork, load_network, resolve_backend
+from bridge.model.onnxrt import OnnxNetwork, load_network, one_torch_thread, resolve_backend
 from bridge.model.precision import as_input, autocast, prepare, resolve_precision
 from bridge.model.weights import ModelInfo, load_model, resolve_device
 from bridge.nuclick.guidance import guidance_pair
@@ -139,8 +139,9 @@ class NuClickEngine(PatchSegmenter):
         if backend == "onnxruntime":
             network, info = load_network(weights, model, kwargs.get("threads", 0) or None)
             return cls(None, info, device=dev, network=network, **kwargs)
-        net, info = load_model(weights, model)
-        return cls(net, info, device=dev, **kwargs)
+        with one_torch_thread():  # loading, folding, channels-last copies: see one_torch_thread
+            net, info = load_model(weights, model)
+            return cls(net, info, device=dev, **kwargs)
 
     @torch.inference_mode()
     def predict(self, batch: np.ndarray) -> np.ndarray:
