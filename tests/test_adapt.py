@@ -15,7 +15,7 @@ from PIL import Image
 
 from bridge.evaluation.datasets import load_split
 from bridge.model.weights import load_model
-from bridge.train.adapt import hold_back
+from bridge.train.adapt import hold_back, steps_that_fit
 from bridge.train.loss import training_loss
 
 # Crops of two of cpm15_dev's adapt images (a lab the shipped weights never saw), (row, col, size).
@@ -65,6 +65,24 @@ def test_hold_back_is_deterministic_and_never_learned(lab_folder):
         held = set() if h is None else set(h.targets)
         assert not held & set(t.targets)
         assert not t.known[np.isin(t.labels, list(held))].any()  # their pixels are unknown to training
+
+
+def test_a_run_behind_its_budget_ends_sooner_and_one_on_time_keeps_its_plan():
+    # 400 planned, at step 100 with 60 s left: 0.1 s a step keeps 400, 0.3 s a step fits 200 more.
+    assert steps_that_fit(100, 400, 60.0, 0.1) == 400
+    assert steps_that_fit(100, 400, 60.0, 0.3) == 300
+    # out of time: one more step, never fewer than done
+    assert steps_that_fit(100, 400, -5.0, 0.3) == 101
+
+
+def test_a_time_budgeted_run_plans_its_steps_and_writes_the_file(cli, lab_folder, tmp_path):
+    out = tmp_path / "budget.pt"
+    run = _adapt(cli, lab_folder, out, "--minutes", "1.5", "--force")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    # planned from the first steps' pace: at least the probe's 3 and 10 more, below the cap of 1200
+    assert 13 <= report["steps"] < 1200 and out.is_file()
+    assert f"{report['steps']} steps in " in run.stderr
 
 
 def _adapt(cli, lab_folder: Path, out: Path, *more: str):

@@ -56,6 +56,8 @@ THRESHOLDS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 HOLDOUT_BLOCK = 256
 # At least this many nuclei to train on and to measure on.
 MIN_TRAIN, MIN_HELD = 20, 5
+# How often (in steps) a time-budgeted run checks that it still fits its budget.
+REPLAN_EVERY = 10
 # The threshold is chosen on at most this many of the nuclei trained on.
 CALIBRATE_MAX = 400
 REPORTED = ("aji", "pq", "sq", "dq")
@@ -390,9 +392,12 @@ def adapt(
         per_step = (time.monotonic() - t0) / probe
         left = budget - (time.monotonic() - t_start) - reserve
         state["total"] = int(min(cfg.max_steps, max(probe + 10, left / per_step)))
-        log.info("%.2f s per step: %d steps fit the %.0f-minute budget", per_step, state["total"], cfg.minutes)
+        log.info("%.2f s per step: %d steps fit the %g-minute budget", per_step, state["total"], cfg.minutes)
     total = state["total"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=cfg.warmup_steps, total=total))
+    # The schedule reads the planned length each step, so that a run that falls behind its budget (the
+    # computer got busier after the probe) can end its cosine sooner instead of overrunning.
+    plan = {"total": total}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, plan["total"]))
     if resumed and "sched" in blob:
         sched.load_state_dict(blob["sched"])
     else:
@@ -403,10 +408,13 @@ def adapt(
     bar = tqdm(total=total, initial=state["step"], desc="adapting", unit="step", disable=not progress, mininterval=5)
     run_loss = 0.0
     t_loop, first_step = time.monotonic(), state["step"]
+    training_s = 0.0  # time in training steps alone (the checks are budgeted apart)
     try:
         _train_mode(model, cfg.freeze_bn)
         while state["step"] < total:
+            t_step = time.monotonic()
             loss = step_once(state["step"])
+            training_s += time.monotonic() - t_step
             state["step"] += 1
             run_loss = 0.95 * run_loss + 0.05 * loss if run_loss else loss
             bar.update(1)
@@ -417,6 +425,14 @@ def adapt(
                 log.info(
                     "step %d of %d, loss %.3f, about %.1f min of training left", state["step"], total, run_loss, eta
                 )
+            if not cfg.steps and state["step"] % REPLAN_EVERY == 0:
+                left_checks = sum(1 for c in check_at if c > state["step"])
+                left = budget - (time.monotonic() - t_start) - t_measure * (1 + left_checks + calibrating)
+                fits = steps_that_fit(state["step"], total, left, training_s / max(1, state["step"] - first_step))
+                if fits < total:
+                    log.info("behind the time budget: ending at step %d instead of %d", fits, total)
+                    total = plan["total"] = state["total"] = fits
+                    bar.total = total
             if state["step"] in check_at:
                 _check(state, ema.module, info, split, device, infer_precision, bar)
                 save_checkpoint(ckpt, model, ema, opt, sched, state, cfg)
@@ -447,6 +463,12 @@ def adapt(
         thresholds=scores,
         interrupted=interrupted,
     )
+
+
+def steps_that_fit(step: int, total: int, left_s: float, pace_s: float) -> int:
+    """The run's new length: ``total`` while the steps left fit the ``left_s``
+    seconds at ``pace_s`` a step, else as many as fit (at least one more)."""
+    return min(total, step + max(1, int(left_s / max(pace_s, 1e-9))))
 
 
 def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
