@@ -14,6 +14,23 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VAL_IMAGE = "TCGA-21-5786-01Z-00-DX1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory) -> Path:
+    """The exported-network cache in a folder of the test run's own (the tests
+    fill it from empty, and a user's ~/.cache is left alone); tests that need
+    another set NUCLICK_BRIDGE_CACHE themselves."""
+    import os
+
+    folder = tmp_path_factory.mktemp("nuclick-cache")
+    previous = os.environ.get("NUCLICK_BRIDGE_CACHE")
+    os.environ["NUCLICK_BRIDGE_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("NUCLICK_BRIDGE_CACHE", None)
+    else:
+        os.environ["NUCLICK_BRIDGE_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (DATA / "monuseg" / "images").is_dir():
