@@ -145,7 +145,16 @@ def test_ctrl_c_keeps_the_best_so_far_and_the_same_command_resumes(lab_folder, t
     cmd = [sys.executable, "-m", "bridge.cli", "adapt", "--data", str(lab_folder), "--out", str(out)]
     cmd += ["--steps", "40", "--seed", "0", "--threads", "2", "--force"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell's background job (`make test &`) ignores SIGINT and its children inherit that; a user's terminal
+    # does not: give the command the default disposition, so that Python turns SIGINT into Ctrl-C.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 600
     while not out.with_suffix(".ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
