@@ -19,16 +19,10 @@ def export_cache(tmp_path_factory) -> Path:
     """The exported-network cache in a folder of the test run's own (the tests
     fill it from empty, and a user's ~/.cache is left alone); tests that need
     another set NUCLICK_BRIDGE_CACHE themselves."""
-    import os
-
     folder = tmp_path_factory.mktemp("nuclick-cache")
-    previous = os.environ.get("NUCLICK_BRIDGE_CACHE")
-    os.environ["NUCLICK_BRIDGE_CACHE"] = str(folder)
-    yield folder
-    if previous is None:
-        os.environ.pop("NUCLICK_BRIDGE_CACHE", None)
-    else:
-        os.environ["NUCLICK_BRIDGE_CACHE"] = previous
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NUCLICK_BRIDGE_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from bridge.service.gen import nuclick_pb2 as pb
 from bridge.service.http import HttpBounds, HttpGateway
 from bridge.service.server import NuClickServer
 from support.models import DiscModel, Gate, engine_for
+from support.waiting import wait_until
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -267,9 +268,7 @@ def test_busy_http_calls_wait_and_only_a_full_queue_answers_429_with_retry_after
         callers[0].start()
         assert gate.entered.wait(20), "the first call never reached the network"
         callers[1].start()
-        deadline = time.monotonic() + 20
-        while service.metrics.waiting._value.get() < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert wait_until(lambda: service._admission.waiting >= 1), "the second call never queued"
         status, headers, body = _ask(gw.port, "POST", "/v1/segment", _segment_body(1))
         assert status == 429, body
         assert json.loads(body)["code"] == "RESOURCE_EXHAUSTED" and "queue is full" in json.loads(body)["message"]

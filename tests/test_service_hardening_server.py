@@ -32,17 +32,9 @@ from bridge.service.gen import nuclick_pb2_grpc as pb_grpc
 from bridge.service.logs import JsonFormatter, Throttle
 from bridge.service.server import NuClickServer
 from support.models import DiscModel, Gate, engine_for
+from support.waiting import wait_until
 
 TOKEN = "hardening-token-7f3a"
-
-
-def wait_until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def sample(service: SegmentService, name: str, **labels: str) -> float:
@@ -53,6 +45,20 @@ def sample(service: SegmentService, name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def small(crop_pair) -> np.ndarray:
     return np.ascontiguousarray(crop_pair[0][:64, :64])
+
+
+def start_segment(service, req: pb.SegmentRequest, results: dict, name: str, **kw) -> threading.Thread:
+    """``service.segment(req)`` on a thread of its own; its answer, or the ServiceError, lands in ``results[name]``."""
+
+    def run() -> None:
+        try:
+            results[name] = service.segment(req, **kw)
+        except ServiceError as exc:
+            results[name] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
 
 
 def one(img: np.ndarray, rid: str = "r", k: int = 0) -> pb.SegmentRequest:
@@ -150,15 +156,7 @@ def test_waiting_ends_on_cancel_and_on_the_deadline_for_the_http_gateway_way(sma
     results: dict[str, object] = {}
 
     def call(name: str, **kw) -> threading.Thread:
-        def run() -> None:
-            try:
-                results[name] = service.segment(one(small, name), **kw)
-            except ServiceError as exc:
-                results[name] = exc
-
-        t = threading.Thread(target=run)
-        t.start()
-        return t
+        return start_segment(service, one(small, name), results, name, **kw)
 
     try:
         first = call("first")
@@ -232,15 +230,7 @@ def test_calls_still_waiting_when_the_grace_runs_out_are_refused_unavailable(sma
     out: dict[str, object] = {}
 
     def call(name: str) -> threading.Thread:
-        def run() -> None:
-            try:
-                out[name] = service.segment(one(small, name))
-            except ServiceError as exc:
-                out[name] = exc
-
-        t = threading.Thread(target=run)
-        t.start()
-        return t
+        return start_segment(service, one(small, name), out, name)
 
     try:
         first = call("first")

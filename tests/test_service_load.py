@@ -9,6 +9,7 @@ import queue
 import random
 import threading
 import time
+from functools import partial
 
 import grpc
 import numpy as np
@@ -24,15 +25,9 @@ from bridge.service.gen import nuclick_pb2 as pb
 from bridge.service.gen import nuclick_pb2_grpc as pb_grpc
 from bridge.service.server import NuClickServer
 from support.models import DiscModel, Gate, engine_for
+from support.waiting import wait_until as support_wait_until
 
-
-def wait_until(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
+wait_until = partial(support_wait_until, timeout=15.0)
 
 
 def idle(server: NuClickServer) -> bool:
